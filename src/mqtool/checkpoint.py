@@ -1,0 +1,264 @@
+"""Checkpoint directories, the contract between stages.
+
+A checkpoint is a directory with `config.json` (mamba-ssm MambaConfig), `model.safetensors` (or
+shards with `model.safetensors.index.json`; `pytorch_model.bin` is read too), `mqtool.json` (the
+manifest: where it came from, every stage applied, quantization spec, online transforms) and an
+optional `tokenizer.json`. Writes are atomic (temporary directory, then rename); a stage never
+modifies its input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mqtool import __version__
+from mqtool.errors import MqtoolError
+from mqtool.models import MambaConfig, MambaLMHeadModel
+
+FORMAT_VERSION = 1
+MANIFEST = "mqtool.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Manifest:
+    """What `mqtool.json` holds. `stages` is the history; `quant` maps tensor or module names to
+    their quantization spec; `online` lists what inference must apply at run time."""
+
+    source: str = ""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    quant: dict[str, Any] = field(default_factory=dict)
+    online: dict[str, Any] = field(default_factory=dict)
+    exported: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "mqtool", "format_version": self.format_version, "mqtool_version": __version__,
+                "source": self.source, "exported": self.exported, "stages": self.stages,
+                "quant": self.quant, "online": self.online}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != "mqtool":
+            raise MqtoolError("mqtool.json is not an mqtool manifest")
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise MqtoolError(f"mqtool.json has format version {d['format_version']}; this mqtool reads "
+                              f"up to {FORMAT_VERSION}: upgrade mqtool")
+        return cls(source=d.get("source", ""), stages=list(d.get("stages", [])), quant=dict(d.get("quant", {})),
+                   online=dict(d.get("online", {})), exported=bool(d.get("exported", False)),
+                   format_version=d.get("format_version", FORMAT_VERSION))
+
+    def stage_names(self) -> list[str]:
+        return [s["stage"] for s in self.stages]
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: MambaConfig
+    manifest: Manifest
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_path: Path | None
+
+    @property
+    def input_hash(self) -> str:
+        return checkpoint_hash(self.path)
+
+
+def resolve(spec: str | Path) -> Path:
+    """A local checkpoint directory, or a Hugging Face repo id downloaded with huggingface-hub."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MqtoolError(f"{path} is a file; expected a checkpoint directory")
+        return path
+    s = str(spec)
+    if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
+        raise MqtoolError(f"{spec}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["config.json", "*.safetensors", WEIGHTS_INDEX, TORCH_WEIGHTS, "tokenizer.json", MANIFEST]
+        return Path(snapshot_download(s, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, auth: all mean the same to the user
+        raise MqtoolError(f"{spec}: not a local directory, and downloading it from the Hugging Face hub "
+                          f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if (path / WEIGHTS).exists():
+            return load_file(path / WEIGHTS)
+        if (path / WEIGHTS_INDEX).exists():
+            index = json.loads((path / WEIGHTS_INDEX).read_text())
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                state.update(load_file(path / shard))
+            return state
+        if (path / TORCH_WEIGHTS).exists():
+            return torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise MqtoolError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
+                          "the file may be truncated or corrupt") from None
+    raise MqtoolError(f"{path}: no weights ({WEIGHTS}, {WEIGHTS_INDEX} or {TORCH_WEIGHTS})")
+
+
+def load_checkpoint(spec: str | Path) -> Checkpoint:
+    """Reads config, manifest and raw tensors (no model is built)."""
+    path = resolve(spec)
+    config = MambaConfig.load(path / "config.json")
+    manifest = Manifest(source=str(spec))
+    if (path / MANIFEST).exists():
+        try:
+            manifest = Manifest.from_dict(json.loads((path / MANIFEST).read_text()))
+        except json.JSONDecodeError as e:
+            raise MqtoolError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    tok = path / "tokenizer.json"
+    return Checkpoint(path, config, manifest, _load_weights(path), tok if tok.exists() else None)
+
+
+def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MambaLMHeadModel:
+    """A model from a config, with weights when given (built on the meta device, so a large model
+    is not initialised only to be overwritten). Without weights: random init (for tests, timing)."""
+    if state_dict is None:
+        return MambaLMHeadModel(config).to(device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = MambaLMHeadModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = dict(state_dict)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the embedding is the one copy
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+        raise MqtoolError("weights do not match config.json: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise MqtoolError(f"weights do not match config.json: {k} has shape {tuple(state[k].shape)}, "
+                              f"expected {tuple(shape)}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    return model.eval()
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[MambaLMHeadModel, Checkpoint]:
+    ckpt = load_checkpoint(spec)
+    return build_model(ckpt.config, ckpt.state_dict, dtype, device), ckpt
+
+
+def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
+    """What goes into model.safetensors: the tied lm_head is not stored (as state-spaces does)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 over config, manifest and weight files: what a stage records as its input."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".json", ".bin")) and name != "tokenizer.json":
+            with open(path / name, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Fails early (before any work) when `out` exists without --force, or is one of the inputs."""
+    out = Path(out).expanduser()
+    for i in inputs:
+        if Path(i).exists() and out.exists() and out.resolve() == Path(i).resolve():
+            raise MqtoolError(f"{out} is this stage's input; a stage never modifies its input")
+    if out.exists() and not force:
+        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise MqtoolError(f"{out} exists and is not a directory")
+    return out
+
+
+def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], tmp / WEIGHTS, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
+                    tokenizer_path: Path | None = None, force: bool = False,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Writes a checkpoint directory atomically: everything goes to a temporary sibling, which is
+    renamed into place only when complete; an existing `out` is replaced only with force."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config.save(tmp / "config.json")
+        _save_sharded({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, max_shard_bytes)
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def record_stage(manifest: Manifest, stage: str, params: dict[str, Any], input_hash: str) -> Manifest:
+    """A copy of the manifest with one more stage in its history."""
+    new = Manifest.from_dict(manifest.to_dict())
+    new.stages.append({"stage": stage, "params": params, "input_hash": input_hash,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mqtool_version": __version__})
+    return new
