@@ -135,11 +135,16 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
 
 
 def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None = None,
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MambaLMHeadModel:
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                online: dict[str, Any] | None = None) -> MambaLMHeadModel:
     """A model from a config, with weights when given (built on the meta device, so a large model
-    is not initialised only to be overwritten). Without weights: random init (for tests, timing)."""
+    is not initialised only to be overwritten), and the manifest's online transforms attached
+    (their scales are read from the same state dict). Without weights: random init."""
+    from mqtool.quant.attach import apply_online
+
     if state_dict is None:
-        return MambaLMHeadModel(config).to(device=device, dtype=dtype)
+        model = MambaLMHeadModel(config).to(device=device, dtype=dtype)
+        return apply_online(model, online or {})
     with torch.device("meta"):
         model = MambaLMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -148,29 +153,36 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
         state.pop("lm_head.weight", None)  # tied: the embedding is the one copy
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise MqtoolError("weights do not match config.json: " + "; ".join(parts))
+    if missing:
+        raise MqtoolError(f"weights do not match config.json: missing {len(missing)} tensors "
+                          f"(e.g. {', '.join(missing[:3])})")
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
             raise MqtoolError(f"weights do not match config.json: {k} has shape {tuple(state[k].shape)}, "
                               f"expected {tuple(shape)}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    base = {k: state.pop(k).to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(base, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
+    apply_online(model, online or {})
+    # what is left are the attached modules' buffers (scales): exactly those, no more, no less
+    attached = set(model.state_dict()) - set(expected) - {"lm_head.weight"}
+    if set(state) != attached:
+        extra = sorted(set(state) - attached)
+        lacking = sorted(attached - set(state))
+        raise MqtoolError("weights do not match config.json and mqtool.json: "
+                          + (f"unexpected {len(extra)} tensors (e.g. {', '.join(extra[:3])})" if extra else "")
+                          + ("; " if extra and lacking else "")
+                          + (f"missing {len(lacking)} tensors (e.g. {', '.join(lacking[:3])})" if lacking else ""))
+    if state:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
     return model.eval()
 
 
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[MambaLMHeadModel, Checkpoint]:
     ckpt = load_checkpoint(spec)
-    return build_model(ckpt.config, ckpt.state_dict, dtype, device), ckpt
+    return build_model(ckpt.config, ckpt.state_dict, dtype, device, ckpt.manifest.online), ckpt
 
 
 def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:

@@ -57,6 +57,9 @@ class MambaConfig:
                 raise MqtoolError("Mamba2 with d_ssm != expand * d_model (a gated MLP branch) is not supported")
             if self.d_inner % ssm["headdim"] or self.d_inner % ssm["ngroups"]:
                 raise MqtoolError("Mamba2 d_inner must be divisible by headdim and ngroups")
+            if (self.d_inner // ssm["headdim"]) % ssm["ngroups"]:
+                raise MqtoolError(f"Mamba2 nheads ({self.d_inner // ssm['headdim']}) must be divisible by "
+                                  f"ngroups ({ssm['ngroups']})")
             if not ssm["rmsnorm"] or ssm["norm_before_gate"]:
                 raise MqtoolError("Mamba2 is supported with rmsnorm=True, norm_before_gate=False (mamba-ssm defaults)")
 
@@ -108,3 +111,32 @@ class MambaConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _preset(d_model: int, n_layer: int, layer: str) -> dict[str, Any]:
+    return {"d_model": d_model, "n_layer": n_layer, "vocab_size": 50277,
+            "ssm_cfg": {"layer": layer} if layer == "Mamba2" else {},
+            "pad_vocab_size_multiple": 16 if layer == "Mamba2" else 8}
+
+
+# The shapes of the state-spaces checkpoints (for random-init models: tests, timing) plus tiny ones.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mamba-130m": _preset(768, 24, "Mamba1"), "mamba-370m": _preset(1024, 48, "Mamba1"),
+    "mamba-790m": _preset(1536, 48, "Mamba1"), "mamba-1.4b": _preset(2048, 48, "Mamba1"),
+    "mamba-2.8b": _preset(2560, 64, "Mamba1"),
+    "mamba2-130m": _preset(768, 24, "Mamba2"), "mamba2-370m": _preset(1024, 48, "Mamba2"),
+    "mamba2-780m": _preset(1536, 48, "Mamba2"), "mamba2-1.3b": _preset(2048, 48, "Mamba2"),
+    "mamba2-2.7b": _preset(2560, 64, "Mamba2"),
+    "tiny-mamba1": {"d_model": 64, "n_layer": 2, "vocab_size": 50277, "ssm_cfg": {"d_state": 8}},
+    "tiny-mamba2": {"d_model": 64, "n_layer": 2, "vocab_size": 50277,
+                    "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 32},
+                    "pad_vocab_size_multiple": 16},
+}
+
+
+def config_from_name(name: str) -> MambaConfig:
+    """A preset shape by name (state-spaces/mamba-130m -> mamba-130m)."""
+    key = name.split("/")[-1]
+    if key not in PRESETS:
+        raise MqtoolError(f"unknown model shape {name!r}; known: {', '.join(PRESETS)}")
+    return MambaConfig.from_dict(json.loads(json.dumps(PRESETS[key])))

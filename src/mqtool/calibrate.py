@@ -1,0 +1,168 @@
+"""Calibration statistics at every attachment point, accumulated in a streaming way.
+
+For the input of every linear layer: per-channel abs-max, sum and sum of squares, the token
+count, and the full second-moment matrix sum(x^T x) (from which the centred covariance that
+KLT needs follows). For the SSM's inputs (x, B, C, Δ) and the gate: per-channel abs-max and sum
+of squares. For the recurrent state: per (channel, state) abs-max and mean |h| over every step
+of `state_samples` windows run in recurrent mode. Memory does not grow with the number of samples.
+
+Names: `<module path>.<statistic>`, e.g. `backbone.layers.0.mixer.in_proj.xtx` (observed after
+the linear's online `input_transform`, i.e. what its quantizer sees) and
+`backbone.layers.0.mixer.out_proj.pre.absmax` (before the transform).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mqtool.errors import MqtoolError
+from mqtool.models import MambaLMHeadModel
+from mqtool.models.layers import Linear
+
+STATS_FILE = "stats.safetensors"
+META_FILE = "calib.json"
+
+
+class _Accumulator:
+    def __init__(self, full: bool) -> None:
+        self.full = full  # full = a linear's input: also sums and x^T x
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        xf = x.double() if x.device.type == "cpu" else x.float()
+        s = self.stats
+        absmax = xf.abs().amax(0).double()
+        sumsq = xf.pow(2).sum(0).double()
+        if not s:
+            s["absmax"], s["sumsq"] = absmax, sumsq
+            s["count"] = torch.zeros((), dtype=torch.float64, device=x.device)
+            if self.full:
+                s["sum"] = torch.zeros_like(sumsq)
+                s["xtx"] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+        else:
+            torch.maximum(s["absmax"], absmax, out=s["absmax"])
+            s["sumsq"] += sumsq
+        s["count"] += x.shape[0]
+        if self.full:
+            s["sum"] += xf.sum(0).double()
+            s["xtx"] += (xf.T @ xf).double()
+
+
+def _attachment_points(model: MambaLMHeadModel) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module whose input is observed, whether it is a linear layer's input)."""
+    points: dict[str, tuple[nn.Module, bool]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear):
+            points[name] = (mod.input_quantizer, True)
+            # before an online transform too: smoothing placed ahead of an online Hadamard needs it
+            points[f"{name}.pre"] = (mod.input_transform, False)
+    for i, mixer in enumerate(model.mixers):
+        prefix = f"backbone.layers.{i}.mixer"
+        for tap in ("ssm_x", "ssm_dt", "ssm_B", "ssm_C"):
+            points[f"{prefix}.{tap}"] = (getattr(mixer, tap), False)
+        gate = mixer.norm.gate_act if hasattr(mixer, "norm") else mixer.gate_act
+        points[f"{prefix}.gate"] = (gate, False)
+    return points
+
+
+@dataclass
+class Calibration:
+    stats: dict[str, torch.Tensor]
+    meta: dict
+
+    def get(self, name: str, stat: str) -> torch.Tensor:
+        key = f"{name}.{stat}"
+        if key not in self.stats:
+            raise MqtoolError(f"calibration has no {key}; re-run `mqtool calibrate` with this model")
+        return self.stats[key]
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """Unbiased centred input covariance of linear `name`: (X^T X - n mu mu^T) / (n - 1)."""
+        n = float(self.get(name, "count"))
+        mean = self.get(name, "sum") / n
+        return (self.get(name, "xtx") - n * torch.outer(mean, mean)) / max(n - 1.0, 1.0)
+
+    def second_moment(self, name: str) -> torch.Tensor:
+        return self.get(name, "xtx") / float(self.get(name, "count"))
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.stats.items()}, out / STATS_FILE)
+        (out / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        path = Path(path)
+        if not (path / STATS_FILE).exists():
+            raise MqtoolError(f"{path}: not a calibration directory (no {STATS_FILE}); make one with `mqtool calibrate`")
+        try:
+            stats = load_file(path / STATS_FILE)
+            meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        except Exception as e:
+            raise MqtoolError(f"{path}: cannot read calibration ({type(e).__name__}: {e})") from None
+        return cls(stats, meta)
+
+
+@torch.inference_mode()
+def collect(model: MambaLMHeadModel, windows: torch.Tensor, batch_size: int = 4, state_samples: int = 8,
+            on_batch: Callable[[str, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Runs `windows` [n, seqlen] through the model (parallel mode) with observers on every
+    attachment point, then `state_samples` of them in recurrent mode for the state statistics."""
+    device = next(model.parameters()).device
+    accs: dict[str, _Accumulator] = {}
+    handles = []
+    for name, (mod, full) in _attachment_points(model).items():
+        acc = accs[name] = _Accumulator(full)
+        handles.append(mod.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
+    try:
+        for s in range(0, windows.shape[0], batch_size):
+            model(windows[s:s + batch_size].to(device))
+            if on_batch:
+                on_batch("activations", min(batch_size, windows.shape[0] - s))
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {f"{name}.{k}": v for name, acc in accs.items() for k, v in acc.stats.items()}
+    if state_samples > 0:
+        stats.update(_state_stats(model, windows[:state_samples].to(device), on_batch))
+    return stats
+
+
+def _state_stats(model, windows, on_batch) -> dict[str, torch.Tensor]:
+    cache = model.allocate_cache(windows.shape[0])
+    n_layers = len(model.mixers)
+    absmax = [torch.zeros_like(cache[i][1][0]) for i in range(n_layers)]
+    abssum = [torch.zeros_like(cache[i][1][0], dtype=torch.float64) for i in range(n_layers)]
+    for t in range(windows.shape[1]):
+        model.step(windows[:, t], cache)
+        for i in range(n_layers):
+            h = cache[i][1].abs()
+            torch.maximum(absmax[i], h.amax(0), out=absmax[i])
+            abssum[i] += h.sum(0).double()
+        if on_batch and (t + 1) % 64 == 0:
+            on_batch("states", 64)
+    steps = windows.shape[0] * windows.shape[1]
+    out = {}
+    for i in range(n_layers):
+        out[f"backbone.layers.{i}.mixer.state.absmax"] = absmax[i]
+        out[f"backbone.layers.{i}.mixer.state.absmean"] = (abssum[i] / steps).float()
+    return out
+
+
+def calibrate(model: MambaLMHeadModel, windows: torch.Tensor, meta: dict, batch_size: int = 4,
+              state_samples: int = 8, on_batch=None) -> Calibration:
+    start = time.perf_counter()
+    stats = collect(model, windows, batch_size, state_samples, on_batch)
+    meta = {**meta, "samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+            "state_samples": int(min(state_samples, windows.shape[0])),
+            "seconds": round(time.perf_counter() - start, 2)}
+    return Calibration(stats, meta)
