@@ -88,3 +88,13 @@ def config_factory():
 def model_factory():
     """`model_factory(config, seed=0)`: a randomly initialised tiny model in eval mode."""
     return make_model
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests: faster than two, and far faster when
+    the two cores are shared (spinning thread pools). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,6 +16,8 @@ from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel, generate, scan
 from mqtool.models.lm import MODES
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
     """Relative to the expected tensor's scale (values cross zero, so an element-wise rtol alone
@@ -333,6 +335,19 @@ def test_every_linear_routes_through_transform_then_quantizer(tiny_model):
             assert lin.input_transform.calls == calls and lin.input_quantizer.calls == calls, (mode, name)
             i = log.index(("transform", name))
             assert log[i + 1] == ("quantizer", name)
+
+
+@pytest.mark.parametrize("tap", ["ssm_x", "ssm_dt", "ssm_B", "ssm_C"])
+def test_ssm_input_taps_are_used_in_all_modes(tiny_model, tap):
+    ids = ids_for(2, 9)
+    base = _logits_all_modes(tiny_model, ids)
+    for mixer in tiny_model.mixers:
+        setattr(mixer, tap, Recorder(fn=lambda t: 0.5 * t))
+    scaled = _logits_all_modes(tiny_model, ids)
+    for mode in MODES:
+        assert differs(scaled[mode], base[mode]), mode
+        assert_close(scaled[mode], scaled["parallel"])
+    assert all(getattr(m, tap).calls == 1 + 1 + 9 for m in tiny_model.mixers)
 
 
 def test_out_proj_input_quantizer_affects_all_modes(tiny_model):

@@ -103,7 +103,8 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         path = Path(path)
         if not (path / STATS_FILE).exists():
-            raise MqtoolError(f"{path}: not a calibration directory (no {STATS_FILE}); make one with `mqtool calibrate`")
+            raise MqtoolError(f"{path}: not a calibration directory (no {STATS_FILE}); "
+                              "make one with `mqtool calibrate`")
         try:
             stats = load_file(path / STATS_FILE)
             meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -114,7 +115,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             return state
         if (path / TORCH_WEIGHTS).exists():
             return torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError,
+            pickle.UnpicklingError) as e:
         raise MqtoolError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
                           "the file may be truncated or corrupt") from None
     raise MqtoolError(f"{path}: no weights ({WEIGHTS}, {WEIGHTS_INDEX} or {TORCH_WEIGHTS})")
@@ -236,7 +238,8 @@ def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: in
         save_file(shard, tmp / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
-    (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1))
 
 
 def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
@@ -249,6 +252,7 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
         raise MqtoolError(f"{out} exists; pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
     try:
         config.save(tmp / "config.json")
         _save_sharded({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, max_shard_bytes)
@@ -264,6 +268,8 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)  # the new one never got into place: put the previous one back
         raise
     return out
 

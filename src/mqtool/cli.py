@@ -89,7 +89,13 @@ def _progress(enabled: bool = True):
 
 
 def _load(spec: str, dtype: DType, device: str):
+    import torch
+
     from mqtool.checkpoint import load_model
+
+    if dtype == DType.float32:  # float32 means float32: no TF32 in matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     return load_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
 
@@ -201,6 +207,7 @@ def init(
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
     seed: int = 0,
     dtype: Annotated[DType, typer.Option(help="Storage dtype.")] = DType.float32,
+    device: Annotated[str, typer.Option(help="Where to initialise (cuda is much faster for large shapes).")] = "cpu",
     force: bool = False,
 ) -> None:
     """Write a random-init checkpoint in the state-spaces layout (for tests and timing)."""
@@ -212,7 +219,7 @@ def init(
     check_output_dir(output, force)
     config = MambaConfig.load(shape) if shape.endswith(".json") else config_from_name(shape)
     torch.manual_seed(seed)
-    model = build_model(config, dtype=_dtype(dtype))
+    model = build_model(config, dtype=_dtype(dtype), device=_device(device))
     save_checkpoint(output, config, model_state_dict(model), Manifest(source=f"random init {shape} seed {seed}"),
                     force=force)
     n = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,278 @@
+"""Smoothing: SmoothQuant's per-channel migration of activation outliers into the weights, and
+MambaQuant's smooth-fused variant that also smooths where only an S-SiLU or an online Hadamard
+can take the scale.
+
+For a linear ``y = x W^T`` with input channel j, SmoothQuant (Xiao et al., 2023) picks
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+(from calibration abs-maxima, both clamped below at 1e-5; channels that are dead in the data or in
+the weight keep s_j = 1) and computes ``(x / s) (W diag(s))^T``: the same function, with the
+input's outliers divided down and the weight's columns scaled up. ``x / s`` costs nothing when
+the module that produces x has a per-channel weight it can be folded into. Where each target's s
+goes (``fusion map``):
+
+==========  ===================================  ======================================================
+target      smoothquant                          smooth-fused (MambaQuant), in addition
+==========  ===================================  ======================================================
+in_proj     block norm weight (and bias) / s     same
+lm_head     norm_f weight / s; lm_head untied    same
+            from the embedding first
+dt_proj     x_proj's first dt_rank rows / s      same
+            (Mamba-1: dt_proj reads them)
+out_proj    Mamba-2: gated norm weight / s       Mamba-1: S-SiLU — in_proj's gate rows (z) / s and the
+            Mamba-1: skipped (the gate           gate act becomes ``SSiLU`` with buffer s, so it
+            multiplies: no weight precedes)      yields SiLU(z) / s (``online["s_silu"]``)
+x_proj      skipped (input is conv + SiLU:       with an online Hadamard at x_proj: the Hadamard's
+            nothing to fold into)                ``smooth`` buffer divides by s before rotating
+                                                 (``online["smooth_scale"]``); else skipped
+==========  ===================================  ======================================================
+
+In every case the target's weight absorbs ``diag(s)`` on the side of the *pre-transform* input:
+when the linear has an online Hadamard, its stored weight is ``W_stored = W H`` (``W`` acting on
+the un-rotated input), so the smoothed weight is ``(W diag(s)) H = W_stored H^T diag(s) H``, and
+s is computed from the statistics observed *before* the transform (``<linear>.pre.absmax``) and
+from ``W = W_stored H^T`` (divided by an existing ``smooth`` buffer, which the input meets first).
+
+Not implemented: MambaQuant's smoothing of the SSM matmul (absorbing s through the parallel scan
+with ``addcmul(-ln s, Δ, A)``); the SSM's inputs are left as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mqtool.calibrate import Calibration
+from mqtool.errors import MqtoolError
+from mqtool.models import MambaLMHeadModel
+from mqtool.quant import attach
+from mqtool.quant.hadamard import hadamard_matrix
+
+__all__ = ["DEFAULT_TARGETS", "METHODS", "apply_smooth", "smoothing_scale"]
+
+METHODS = ("smoothquant", "smooth-fused")
+DEFAULT_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+# out_proj before in_proj (S-SiLU rescales in_proj's gate rows, in_proj's own s then sees them);
+# dt_proj before x_proj (the same for x_proj's dt rows).
+_ORDER = ("out_proj", "dt_proj", "in_proj", "x_proj", "lm_head")
+EPS = 1e-5
+S_MIN, S_MAX = 1e-5, 1e5
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.")
+
+
+def smoothing_scale(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant's ``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel (float64), clamped to
+    [1e-5, 1e5]; 1 where the channel is dead (zero or non-finite) in the data or the weight."""
+    a = act_absmax.detach().to(torch.float64)
+    w = weight_absmax.detach().to(device=a.device, dtype=torch.float64)
+    s = (a.clamp_min(EPS).pow(alpha) / w.clamp_min(EPS).pow(1.0 - alpha)).clamp(S_MIN, S_MAX)
+    live = (a > 0) & (w > 0) & torch.isfinite(a) & torch.isfinite(w)
+    return torch.where(live, s, torch.ones_like(s))
+
+
+def _transform_matrix(name: str, lin: nn.Module) -> Tensor | None:
+    """The rotation H (float64, CPU) of the linear's online input transform; None without one."""
+    t = lin.input_transform
+    if isinstance(t, nn.Identity):
+        return None
+    if isinstance(t, attach.OnlineHadamard):
+        return hadamard_matrix(t.n) if t.fast else t.matrix.detach().to(device="cpu", dtype=torch.float64)
+    raise MqtoolError(f"{name} has an input transform smoothing does not know ({type(t).__name__})")
+
+
+def _effective_weight(lin: nn.Module, H: Tensor | None) -> Tensor:
+    """W acting on the pre-transform input x: ``W_stored H^T diag(1/smooth)`` (float64)."""
+    W = lin.weight.detach().to(torch.float64)
+    if H is None:
+        return W
+    W = W @ H.to(W.device).T
+    smooth = lin.input_transform.smooth
+    return W if smooth is None else W / smooth.detach().to(W)
+
+
+@torch.no_grad()
+def _set(p: Tensor, value: Tensor) -> None:
+    p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def _scale_columns(lin: nn.Module, s: Tensor, H: Tensor | None) -> None:
+    """Fold diag(s) into the weight on the pre-transform side: ``W_stored H^T diag(s) H``."""
+    W = lin.weight.detach().to(torch.float64)
+    s = s.to(W.device)
+    if H is None:
+        _set(lin.weight, W * s)
+    else:
+        H = H.to(W.device)
+        _set(lin.weight, ((W @ H.T) * s) @ H)
+
+
+@torch.no_grad()
+def _divide_norm(norm: nn.Module, s: Tensor) -> None:
+    if getattr(norm, "weight", None) is None:
+        raise MqtoolError(f"{type(norm).__name__} without a weight cannot absorb a smoothing scale")
+    _set(norm.weight, norm.weight.double() / s.to(norm.weight.device))
+    if getattr(norm, "bias", None) is not None:
+        _set(norm.bias, norm.bias.double() / s.to(norm.bias.device))
+
+
+@torch.no_grad()
+def _divide_rows(lin: nn.Module, start: int, s: Tensor) -> None:
+    """Divide output rows ``start : start + len(s)`` of a linear (weight and bias) by s."""
+    end = start + s.numel()
+    W = lin.weight.detach().to(torch.float64).clone()
+    W[start:end] /= s.to(W.device)[:, None]
+    _set(lin.weight, W)
+    if lin.bias is not None:
+        b = lin.bias.detach().to(torch.float64).clone()
+        b[start:end] /= s.to(b.device)
+        _set(lin.bias, b)
+
+
+def _outlier_ratio(absmax: Tensor) -> float:
+    """max / median of per-channel abs-max: how far the worst channel stands out."""
+    a = absmax.detach().double()
+    return float(a.max() / a.median().clamp_min(1e-30))
+
+
+def _plan(model: MambaLMHeadModel, name: str, lin: nn.Module, method: str) -> tuple[str | None, str]:
+    """(route, note): where the target's s can go, or (None, why it is skipped)."""
+    kind = name.split(".")[-1]
+    mamba1 = model.config.layer == "Mamba1"
+    has_h = isinstance(lin.input_transform, attach.OnlineHadamard)
+    if kind in ("in_proj", "lm_head", "dt_proj"):
+        return kind, ""
+    if kind == "out_proj":
+        if not mamba1:
+            return "gated_norm", ""
+        if method == "smooth-fused":
+            return "s_silu", ""
+        return None, ("Mamba-1 out_proj: the gate multiplies its input, no weight precedes it "
+                      "(smooth-fused uses S-SiLU)")
+    if kind == "x_proj":
+        if method == "smooth-fused" and has_h:
+            return "online_smooth", ""
+        why = "x_proj's input is conv + SiLU: nothing can absorb the scale"
+        if method != "smooth-fused":
+            why += " (smooth-fused uses an online Hadamard's smooth buffer)"
+        return None, why + ("" if has_h else "; no online Hadamard to carry it")
+    raise MqtoolError(f"no smoothing route for {name}")  # pragma: no cover - linears() filters kinds
+
+
+@torch.no_grad()
+def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | None,
+                 method: str = "smoothquant", alpha: float = 0.5,
+                 targets: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Smooth the inputs of the target linears (kinds: in_proj, x_proj, dt_proj, out_proj, lm_head;
+    default all but lm_head) with SmoothQuant scales of strength `alpha`, folding each scale where
+    the module doc's table says. The model computes the same function afterwards (up to rounding).
+
+    `calib` holds the statistics of the model as it is now (required). Updates `online` with
+    ``"s_silu"`` / ``"smooth_scale"`` when those carry scales, and returns the record: per target
+    where its s went (``into``: the tensors that absorbed 1/s and s), per skipped target why."""
+    if method not in METHODS:
+        raise MqtoolError(f"unknown smoothing method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise MqtoolError(f"alpha must be a number from 0 to 1, got {alpha!r}")
+    alpha = float(alpha)
+    if calib is None:
+        raise MqtoolError("smoothing needs calibration statistics (`mqtool calibrate`, then --calib)")
+    kinds = list(DEFAULT_TARGETS if targets is None else targets)
+    if len(set(kinds)) != len(kinds):
+        raise MqtoolError(f"duplicate smoothing targets: {kinds}")
+    present = [k for k in ("act_quant", "ssm_act_quant") if k in online]
+    if present:
+        raise MqtoolError(f"the checkpoint already quantizes activations ({present}): smooth must run before "
+                          "activation quantization")
+    found = attach.linears(model, kinds)  # raises on unknown kinds
+    for name, lin in found.items():
+        if not isinstance(lin.input_quantizer, nn.Identity):
+            raise MqtoolError(f"{name} already has an input quantizer attached: smooth must run before it")
+
+    def key(name: str) -> tuple[int, int]:
+        m = _LAYER.match(name)
+        return _ORDER.index(name.split(".")[-1]), int(m.group(1)) if m else -1
+
+    names = sorted(found, key=key)
+    # validate every target and its statistics before changing anything
+    plans: dict[str, tuple[str | None, str, Tensor | None, Tensor | None]] = {}
+    for name in names:
+        lin = found[name]
+        route, why = _plan(model, name, lin, method)
+        if route is None:
+            plans[name] = (None, why, None, None)
+            continue
+        act = calib.get(f"{name}.pre", "absmax")
+        if act.numel() != lin.in_features:
+            raise MqtoolError(f"calibration for {name} has {act.numel()} channels, the model "
+                              f"{lin.in_features}: was it made with this model (as it is now)?")
+        plans[name] = (route, "", act.detach().to(device="cpu", dtype=torch.float64),
+                       _transform_matrix(name, lin))
+
+    record: dict[str, Any] = {"method": method, "alpha": alpha, "targets": {}, "skipped": {}}
+    if method == "smooth-fused":
+        record["not_implemented"] = {"ssm_matmul": "addcmul(-ln s, delta, A) smoothing of the SSM matmul"}
+    untied = False
+    for name in names:
+        route, why, act, H = plans[name]
+        if route is None:
+            record["skipped"][name] = why
+            continue
+        lin = found[name]
+        m = _LAYER.match(name)
+        layer = model.backbone.layers[int(m.group(1))] if m else None
+        # weight abs-max per input channel, in the pre-transform basis (the weight x actually meets)
+        W_eff = _effective_weight(lin, H)
+        s = smoothing_scale(act, W_eff.abs().amax(0).cpu(), alpha)
+        prefix = name.rsplit(".", 1)[0]
+        entry: dict[str, Any] = {"via": route, "before_hadamard": H is not None}
+        if route == "in_proj":
+            norm_name = prefix.rsplit(".", 1)[0] + ".norm"
+            _divide_norm(layer.norm, s)
+            has_bias = getattr(layer.norm, "bias", None) is not None
+            entry["into"] = [f"{norm_name}.weight"] + ([f"{norm_name}.bias"] if has_bias else [])
+        elif route == "lm_head":
+            if model.lm_head.weight is model.backbone.embedding.weight:
+                emb = model.backbone.embedding.weight
+                model.lm_head.weight = nn.Parameter(emb.detach().clone(), requires_grad=emb.requires_grad)
+                untied = True
+            model.config.tie_embeddings = False
+            _divide_norm(model.backbone.norm_f, s)
+            entry["into"] = ["backbone.norm_f.weight"] + (
+                ["backbone.norm_f.bias"] if getattr(model.backbone.norm_f, "bias", None) is not None else [])
+        elif route == "dt_proj":
+            _divide_rows(layer.mixer.x_proj, 0, s)
+            entry["into"] = [f"{prefix}.x_proj.weight[:{s.numel()}]"]
+        elif route == "gated_norm":
+            _divide_norm(layer.mixer.norm, s)
+            entry["into"] = [f"{prefix}.norm.weight"]
+        elif route == "s_silu":
+            mixer = layer.mixer
+            _divide_rows(mixer.in_proj, mixer.d_inner, s)  # z = second half of in_proj's output
+            if not isinstance(mixer.gate_act, attach.SSiLU):
+                mixer.gate_act = attach.SSiLU(mixer.d_inner).to(lin.weight.device)
+            mixer.gate_act.s.mul_(s.to(mixer.gate_act.s))
+            online["s_silu"] = {}
+            entry["into"] = [f"{prefix}.in_proj.weight[{mixer.d_inner}:]", f"{prefix}.gate_act.s"]
+        elif route == "online_smooth":
+            t = lin.input_transform
+            if t.smooth is None:
+                new = attach.OnlineHadamard(t.n, t.kind, t.seed, smooth=True).to(lin.weight.device)
+                lin.input_transform = new
+                t = new
+            t.smooth.mul_(s.to(t.smooth))
+            spec = online.setdefault("smooth_scale", {"targets": []})
+            if name.split(".")[-1] not in spec["targets"]:
+                spec["targets"].append(name.split(".")[-1])
+            entry["into"] = [f"{name}.input_transform.smooth"]
+        _scale_columns(lin, s, H)
+        entry["into"].append(f"{name}.weight")
+        entry["outlier_ratio"] = [round(_outlier_ratio(act), 4), round(_outlier_ratio(act / s), 4)]
+        entry["s_range"] = [float(s.min()), float(s.max())]
+        record["targets"][name] = entry
+    record["untied"] = untied
+    return record
