@@ -26,24 +26,30 @@ upcast on load). The defaults reproduce the shipped asset:
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import math
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+import os
 
-import tokenizers
-import torch
-import torch.nn.functional as F
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+# OpenMP threads that sleep rather than spin while waiting: on a CPU shared with other jobs,
+# spinning threads make each step several times slower. Read when torch loads, so set first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mqtool.checkpoint import Manifest, load_model, model_state_dict, record_stage, save_checkpoint
-from mqtool.data import Tokenizer, eval_windows, load_text
-from mqtool.errors import MqtoolError
-from mqtool.models import MambaConfig, MambaLMHeadModel
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+
+from mqtool.checkpoint import Manifest, load_model, model_state_dict, record_stage, save_checkpoint  # noqa: E402
+from mqtool.data import Tokenizer, eval_windows, load_text  # noqa: E402
+from mqtool.errors import MqtoolError  # noqa: E402
+from mqtool.models import MambaConfig, MambaLMHeadModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "mqtool" / "assets"
@@ -51,6 +57,7 @@ MODEL_DIR = "demo-mamba2"
 EVAL_FILE = "demo-eval.txt"
 EOT = "<|endoftext|>"
 THREADS = 2
+BETAS = (0.9, 0.95)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,20 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data root laid out like shared/data (default: $MQTOOL_DATA)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"where {MODEL_DIR}/ and {EVAL_FILE} are written (replaced if present)")
-    p.add_argument("--steps", type=int, default=900, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256, help="training and evaluation window length")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warmup, cosine decay)")
     p.add_argument("--warmup", type=int, default=50, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary, <|endoftext|> included")
+    p.add_argument("--vocab-size", type=int, default=2048,
+                   help="tokenizer vocabulary, <|endoftext|> included")
     p.add_argument("--tokenizer-chars", type=int, default=4_000_000,
                    help="leading characters of techdocs train the tokenizer learns from")
     p.add_argument("--train-chars", type=int, default=12_000_000,
                    help="leading characters of techdocs train the model's windows are drawn from")
     p.add_argument("--eval-chars", type=int, default=32_768,
-                   help="demo-eval.txt is at most this many leading characters of techdocs-test, cut at a blank line")
+                   help="demo-eval.txt: at most this many leading characters of techdocs-test, "
+                        "cut at a blank line")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--d-state", type=int, default=32)
@@ -110,7 +119,8 @@ def perplexity(model: MambaLMHeadModel, ids: torch.Tensor, seqlen: int, batch: i
     nll, count = 0.0, 0
     for w in windows.split(batch):
         logits = model(w, mode="parallel")[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
+        targets = w[:, 1:].reshape(-1)
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
         count += w[:, 1:].numel()
     return math.exp(nll / count)
 
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
               f"headdim={args.headdim} vocab={config.padded_vocab_size}: {n_params:,} parameters", flush=True)
 
         # -- training
-        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=BETAS, eps=1e-8)
         gen = torch.Generator().manual_seed(args.seed)
         offsets = torch.arange(args.seqlen + 1)
         losses: list[float] = []
@@ -192,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
-            if (step + 1) % 100 == 0 or step + 1 == args.steps:
+            if (step + 1) % 50 == 0 or step + 1 == args.steps:
                 recent = sum(losses[-50:]) / len(losses[-50:])
-                print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} (mean of last 50: {recent:.4f}), "
-                      f"lr {lr_at(step, args):.2e}, {time.perf_counter() - t_train:.0f}s", flush=True)
+                elapsed = time.perf_counter() - t_train
+                eta = elapsed / (step + 1) * (args.steps - step - 1)
+                print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} (last 50: {recent:.4f}), "
+                      f"lr {lr_at(step, args):.2e}, {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
         train_s = time.perf_counter() - t_train
         model.eval()
         final_loss = sum(losses[-50:]) / len(losses[-50:])
@@ -210,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                      "eval": f"{EVAL_FILE}: first {len(held_out):,} characters of techdocs-test"},
             "tokenizer": {"type": "byte-level BPE", "vocab_size": tok.vocab_size, "special_tokens": [EOT]},
             "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen,
-            "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
-                          "schedule": f"linear warmup {args.warmup} steps, cosine to 0.1 x lr", "grad_clip": 1.0},
+            "optimizer": {"name": "AdamW", "lr": args.lr, "betas": list(BETAS),
+                          "weight_decay": args.weight_decay,
+                          "schedule": f"linear warmup {args.warmup} steps, cosine to 0.1 x lr",
+                          "grad_clip": 1.0},
             "tokens_seen": args.steps * args.batch_size * args.seqlen,
             "threads": THREADS, "torch": torch.__version__, "tokenizers": tokenizers.__version__,
             "git_commit": git_commit(), "dtype": "float16", "n_params": n_params,
@@ -222,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                                 input_hash=params["data"]["train_text_sha256"])
         state = {k: v.to(torch.float16) for k, v in model_state_dict(model).items()}
         save_checkpoint(out / MODEL_DIR, config, state, manifest, tokenizer_path=tok_path, force=True)
+    # package data: world-readable (the checkpoint writer's temporary directory is private)
+    (out / MODEL_DIR).chmod(0o755)
+    for f in (out / MODEL_DIR).iterdir():
+        f.chmod(0o644)
 
     # -- check what was written: reload (upcast to float32) and evaluate
     loaded, _ = load_model(out / MODEL_DIR)

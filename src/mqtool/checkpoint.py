@@ -252,6 +252,7 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
         raise MqtoolError(f"{out} exists; pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     old: Path | None = None
     try:
         config.save(tmp / "config.json")

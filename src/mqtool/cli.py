@@ -34,6 +34,7 @@ out = Console()
 ASSETS = Path(__file__).parent / "assets"
 DEMO_MODEL = ASSETS / "demo-mamba2"
 DEMO_TEXT = ASSETS / "demo-eval.txt"
+DEMO_CALIB = ASSETS / "demo-calib.txt"
 
 
 class Mode(str, Enum):
@@ -264,6 +265,344 @@ def info(model: Annotated[str, typer.Argument(help="Checkpoint directory, hub re
                       "config": ckpt.config.to_dict(), "manifest": ckpt.manifest.to_dict()}, indent=2))
 
 
+# ------------------------------------------------------------------------------------ stages
+
+CalibOpt = Annotated[Path | None, typer.Option("--calib", help="Calibration directory from `mqtool calibrate` "
+                                               "run on this stage's input.")]
+OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite OUTPUT if it exists.")]
+
+
+def _split(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _check_stage_allowed(manifest, stage: str) -> None:
+    if manifest.exported:
+        raise MqtoolError(f"this checkpoint is exported (packed integers); `{stage}` needs a simulated one")
+    done = manifest.stage_names()
+    if stage in ("rotate", "smooth") and ("quantize" in done or manifest.online.get("act_quant")):
+        raise MqtoolError(f"`{stage}` after `quantize` is meaningless (weights are already quantized); "
+                          "rotate and smooth before quantizing")
+
+
+def _stage_command(model: str, output: Path, stage: str, params: dict, calib_dir: Path | None, force: bool,
+                   dtype: DType, device: str, windows=None, extra: dict | None = None) -> None:
+    from mqtool.calibrate import Calibration
+    from mqtool.checkpoint import check_output_dir, model_state_dict, record_stage, save_checkpoint
+    from mqtool.pipeline import run_stage
+
+    src = _model_spec(model)
+    check_output_dir(output, force, (src,))
+    net, ckpt = _load(model, dtype, device)
+    _check_stage_allowed(ckpt.manifest, stage)
+    calib = None
+    if calib_dir is not None:
+        calib = Calibration.load(calib_dir)
+        want = calib.meta.get("model_hash")
+        if want and want != ckpt.input_hash:
+            raise MqtoolError(f"{calib_dir} was computed on another checkpoint (hash {want}, this one "
+                              f"{ckpt.input_hash}): run `mqtool calibrate {model}` first")
+    online = dict(ckpt.manifest.online)
+    start = time.perf_counter()
+    record = run_stage(net, online, stage, params, calib=calib, windows=windows, **(extra or {}))
+    manifest = record_stage(ckpt.manifest, stage, {**params, "record": record}, ckpt.input_hash)
+    manifest.online = online
+    save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
+    err.print(f"{stage}: wrote {output} in {time.perf_counter() - start:.1f}s")
+
+
+@app.command()
+def rotate(
+    model: Annotated[str, typer.Argument(help="Input checkpoint.")],
+    output: OutOpt,
+    method: Annotated[str, typer.Option(help="hadamard (QuaRot) or klt (MambaQuant: H_K = K H, needs --calib).")]
+    = "klt",
+    online: Annotated[str, typer.Option(help="Linears that get an online Hadamard at their input "
+                                        "(out_proj; x_proj for Mamba-1); '' for none.")] = "out_proj",
+    seed: Annotated[int, typer.Option(help="Seed of the random Hadamard signs.")] = 0,
+    calib: CalibOpt = None,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Fold norms and rotate (offline where the rotation fuses into weights, online elsewhere)."""
+    _stage_command(model, output, "rotate", {"method": method, "online_targets": _split(online) or [],
+                                             "seed": seed}, calib, force, dtype, device)
+
+
+@app.command()
+def smooth(
+    model: Annotated[str, typer.Argument(help="Input checkpoint.")],
+    output: OutOpt,
+    calib: CalibOpt = None,
+    method: Annotated[str, typer.Option(help="smoothquant, or smooth-fused (MambaQuant: S-SiLU and "
+                                        "norm-absorbed scales before the online Hadamard).")] = "smoothquant",
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Migration strength.")] = 0.5,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated linears (default: in_proj, x_proj, "
+                                                "dt_proj, out_proj).")] = None,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Per-channel smoothing scales migrated into weights (the model's function is unchanged)."""
+    params: dict = {"method": method, "alpha": alpha}
+    if targets:
+        params["targets"] = _split(targets)
+    _stage_command(model, output, "smooth", params, calib, force, dtype, device)
+
+
+@app.command("quantize-states")
+def quantize_states(
+    model: Annotated[str, typer.Argument(help="Input checkpoint.")],
+    output: OutOpt,
+    bits: Annotated[int, typer.Option(help="State bits: 8, 6, 4 (16 = off).")] = 4,
+    method: Annotated[str, typer.Option(help="dsq (Q-Mamba), per-channel, per-state, per-tensor.")] = "dsq",
+    channel_scale: Annotated[str, typer.Option(help="DSQ channel scale: abs.mean.sqrt (paper), abs.mean, "
+                                               "abs.max, abs.max.sqrt.")] = "abs.mean.sqrt",
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Quantize the recurrent state cache (applied at every step; `mqtool eval` then runs recurrent)."""
+    _stage_command(model, output, "quantize-states", {"bits": bits, "method": method,
+                                                      "channel_scale": channel_scale}, None, force, dtype, device)
+
+
+def _calib_windows(net, ckpt, data: str, split: str | None, samples: int, seqlen: int, seed: int,
+                   data_dir: Path | None, max_chars: int = 20_000_000):
+    from mqtool.data import calibration_windows, default_split, load_text, load_tokenizer
+
+    tok = load_tokenizer(ckpt.path, data_dir)
+    source = _task_spec(data)
+    if split is None and not Path(source).exists():
+        split = default_split(source, "calibration")
+    return calibration_windows(tok.encode(load_text(source, split, data_dir, max_chars=max_chars)), samples, seqlen,
+                               seed)
+
+
+@app.command()
+def reconstruct(
+    model: Annotated[str, typer.Argument(help="Input checkpoint with a state quantizer (`quantize-states`).")],
+    output: OutOpt,
+    calib_data: Annotated[str, typer.Option(help="wikitext2, c4, techdocs, demo, or a text file.")] = "wikitext2",
+    samples: Annotated[int, typer.Option(min=1)] = 128,
+    seqlen: Annotated[int, typer.Option(min=2)] = 2048,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    lr: float = 1e-3,
+    train: Annotated[str, typer.Option(help="What learns: dt,B,C (SGA default) plus conv, norm.")] = "dt,B,C",
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    seed: int = 0,
+    state_dir: Annotated[Path | None, typer.Option(help="Where progress is kept so an interrupted run resumes "
+                                                   "(default: OUTPUT.esr-state beside OUTPUT).")] = None,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Q-Mamba's ESR: block-wise reconstruction of the Δ, B, C projections against the FP model."""
+    import shutil
+
+    from mqtool.checkpoint import check_output_dir
+
+    check_output_dir(output, force, (_model_spec(model),))
+    net, ckpt = _load(model, dtype, device)
+    windows = _calib_windows(net, ckpt, calib_data, None, samples, seqlen, seed, data_dir)
+    del net
+    sdir = state_dir or output.parent / f"{output.name}.esr-state"
+    with _progress() as p:
+        bar = p.add_task("ESR blocks", total=ckpt.config.n_layer)
+
+        def on_block(i, n, before, after):
+            p.advance(bar)
+            err.print(f"block {i}: loss {before:.4g} -> {after:.4g}")
+
+        _stage_command(model, output, "reconstruct",
+                       {"epochs": epochs, "lr": lr, "train": _split(train), "batch_size": batch_size, "seed": seed},
+                       None, force, dtype, device, windows=lambda: windows,
+                       extra={"state_dir": sdir, "on_block": on_block})
+    shutil.rmtree(sdir, ignore_errors=True)
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Input checkpoint, hub repo id, or `demo`.")],
+    output: OutOpt,
+    recipe: Annotated[str | None, typer.Option(help="A shipped recipe (`mqtool recipes`) or a YAML/TOML file: "
+                                               "runs every stage in memory.")] = None,
+    weights: Annotated[int | None, typer.Option(help="Without --recipe: weight bits (8 or 4).")] = None,
+    weight_method: Annotated[str, typer.Option(help="rtn or gptq (needs --calib).")] = "rtn",
+    group_size: Annotated[int | None, typer.Option(help="Weight group size (default per channel).")] = None,
+    acts: Annotated[int | None, typer.Option(help="Without --recipe: activation bits (8), or none.")] = None,
+    act_mode: Annotated[str, typer.Option(help="per_token (dynamic) or per_tensor (static, needs --calib).")]
+    = "per_token",
+    calib: CalibOpt = None,
+    samples: Annotated[int | None, typer.Option(help="Override the recipe's calibration samples.")] = None,
+    seqlen: Annotated[int | None, typer.Option(help="Override the recipe's calibration seqlen.")] = None,
+    calib_data: Annotated[str | None, typer.Option(help="Override the recipe's calibration data.")] = None,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run a whole recipe, or quantize linear weights/activations with the given flags."""
+    if recipe is None:
+        if weights is None and acts is None:
+            raise MqtoolError("give --recipe NAME, or --weights BITS and/or --acts BITS")
+        params: dict = {}
+        if weights is not None:
+            params["weights"] = {"bits": weights, "method": weight_method, "group_size": group_size}
+        if acts is not None:
+            params["activations"] = {"bits": acts, "mode": act_mode}
+        _stage_command(model, output, "quantize", params, calib, force, dtype, device)
+        return
+    from mqtool.checkpoint import check_output_dir, model_state_dict, record_stage, save_checkpoint
+    from mqtool.pipeline import load_recipe
+
+    rec = load_recipe(recipe)
+    check_output_dir(output, force, (_model_spec(model),))
+    net, ckpt = _load(model, dtype, device)
+    _check_stage_allowed(ckpt.manifest, rec.stages[0][0])
+    records, seconds = _run_recipe(net, ckpt, rec, samples, seqlen, calib_data, data_dir)
+    manifest = ckpt.manifest
+    for r in records:
+        manifest = record_stage(manifest, r["stage"], {**r["params"], "record": r["record"], "recipe": rec.name},
+                                ckpt.input_hash)
+    manifest.online = r["online"] if records else manifest.online
+    save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
+    err.print(f"recipe {rec.name}: wrote {output} in {seconds:.1f}s")
+
+
+def _run_recipe(net, ckpt, rec, samples, seqlen, calib_data, data_dir, quiet: bool = False):
+    """Runs a recipe in memory; returns (records with the final online dict, seconds)."""
+    from mqtool.pipeline import STAGES, run_recipe
+
+    c = dict(rec.calibration)
+    for key, val in (("samples", samples), ("seqlen", seqlen), ("data", calib_data)):
+        if val is not None:
+            c[key] = val
+    needs = any(STAGES[n].needs_calib(p) or STAGES[n].needs_windows for n, p in rec.stages)
+    windows = None
+    if needs:
+        windows = _calib_windows(net, ckpt, c["data"], c["split"], c["samples"], c["seqlen"], c["seed"], data_dir,
+                                 c["max_chars"])
+    online = dict(ckpt.manifest.online)
+    start = time.perf_counter()
+    with _progress(not quiet) as p:
+        bar = p.add_task(f"recipe {rec.name}", total=len(rec.stages))
+        records = run_recipe(net, online, rec, windows, on_stage=lambda name, i, n: (
+            p.update(bar, completed=i, description=f"{rec.name}: {name}")))
+    for r in records:
+        r["online"] = online
+    return records, time.perf_counter() - start
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes."""
+    from mqtool.pipeline import available_recipes, load_recipe
+
+    table = Table(title="recipes (mqtool quantize MODEL --recipe NAME)")
+    table.add_column("name")
+    table.add_column("stages")
+    table.add_column("description")
+    for name in available_recipes():
+        r = load_recipe(name)
+        table.add_row(name, " → ".join(s for s, _ in r.stages), r.description)
+    out.print(table)
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Argument(help="Checkpoint (full precision), hub repo id, or `demo`.")],
+    recipes_: Annotated[str, typer.Option("--recipes", help="Comma-separated recipe names or files.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated perplexity tasks.")] = "wikitext2,c4",
+    seqlen: Annotated[int, typer.Option(min=2, help="Evaluation window.")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    samples: Annotated[int | None, typer.Option(help="Override every recipe's calibration samples.")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(help="Override every recipe's calibration seqlen.")] = None,
+    calib_data: Annotated[str | None, typer.Option(help="Override every recipe's calibration data.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table as markdown here.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run each recipe on MODEL and tabulate perplexity, full precision first (the papers' Table 1 shape).
+    Recipes with a state quantizer are evaluated in recurrent mode, the rest in parallel mode."""
+    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.evaluate.perplexity import perplexity
+    from mqtool.pipeline import load_recipe
+
+    names = _split(recipes_) or []
+    recs = [load_recipe(n) for n in names]  # fail on a bad name before any work
+    task_list = _split(tasks) or []
+    net, ckpt = _load(model, dtype, device)
+    tok = load_tokenizer(ckpt.path, data_dir)
+    windows = {t: eval_windows(eval_tokens(_task_spec(t), tok, seqlen, data_dir), seqlen, max_windows=max_windows)
+               for t in task_list}
+    rows = []
+
+    def evaluate(label: str, m, mode: str, extra: dict) -> None:
+        row = {"recipe": label, "mode": mode, **extra}
+        for t in task_list:
+            with _progress() as p:
+                bar = p.add_task(f"{label}: {t}", total=windows[t].shape[0])
+                res = perplexity(m, windows[t], mode=mode, batch_size=batch_size,
+                                 on_batch=lambda k, bar=bar: p.advance(bar, k))
+            row[t] = res.ppl
+        rows.append(row)
+        err.print(f"{label}: " + ", ".join(f"{t} {row[t]:.3f}" for t in task_list))
+
+    evaluate("fp", net, "parallel", {"seconds": 0.0})
+    for rec in recs:
+        net, ckpt = _load(model, dtype, device)
+        records, secs = _run_recipe(net, ckpt, rec, samples, calib_seqlen, calib_data, data_dir)
+        mode = "recurrent" if records and records[-1]["online"].get("state_quantizer") else "parallel"
+        evaluate(rec.name, net, mode, {"seconds": secs})
+    _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path)
+
+
+def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path) -> None:
+    fp = rows[0]
+    limit = f", first {max_windows} windows" if max_windows else ""
+    table = Table(title=f"{model}: perplexity (seqlen {seqlen}{limit})")
+    table.add_column("recipe")
+    for t in task_list:
+        table.add_column(t, justify="right")
+        table.add_column("Δ%", justify="right")
+    table.add_column("mode")
+    table.add_column("quantize s", justify="right")
+    md = ["| recipe | " + " | ".join(f"{t} | Δ% " for t in task_list) + " | mode | quantize s |",
+          "|---|" + "---:|---:|" * len(task_list) + "---|---:|"]
+    for r in rows:
+        cells = []
+        for t in task_list:
+            cells += [f"{r[t]:.2f}", "" if r is fp else f"{100 * (r[t] / fp[t] - 1):+.2f}"]
+        table.add_row(r["recipe"], *cells, r["mode"], f"{r['seconds']:.1f}")
+        md.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {r['mode']} | {r['seconds']:.1f} |")
+    out.print(table)
+    if markdown:
+        markdown.write_text("\n".join(md) + "\n")
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "seqlen": seqlen, "max_windows": max_windows,
+                                         "rows": rows}, indent=2) + "\n")
+
+
+@app.command()
+def demo(
+    recipes_: Annotated[str, typer.Option("--recipes", help="Recipes to run on the demo model.")]
+    = "w8a8-rtn,w4a8-rtn,w4a8-quarot,w4a8-klt,w16a16h4-perchannel,w16a16h4-dsq",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """The main job on the embedded demo Mamba-2, offline: quantize it with several recipes
+    (calibrated on a small embedded text) and compare perplexity on held-out text, FP first."""
+    compare("demo", recipes_, tasks="demo", seqlen=256, max_windows=None, batch_size=16, samples=16,
+            calib_seqlen=256, calib_data=str(DEMO_CALIB), markdown=None, json_path=None, dtype=DType.float32,
+            device=device, data_dir=None)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"mqtool {__version__}")
@@ -280,7 +619,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except MqtoolError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped: scripts grep it
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -1,0 +1,175 @@
+"""Stages and recipes: the registry that maps a stage name and its parameters to a stage function,
+and runs a recipe (an ordered list of stages) on a model in memory.
+
+A recipe file (YAML or TOML) reads like llm-compressor's:
+
+    name: w4a8-klt
+    description: MambaQuant W4A8
+    calibration: {data: wikitext2, samples: 128, seqlen: 2048}
+    stages:
+      - rotate: {method: klt}
+      - smooth: {method: smooth-fused, alpha: 0.5}
+      - quantize: {weights: {bits: 4, method: gptq}, activations: {bits: 8, mode: per_token}}
+
+Stages that need statistics get a calibration of the model *as it is at that point* (recomputed
+after every transform that changes activations), from the recipe's calibration data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+import yaml
+
+from mqtool.calibrate import Calibration, calibrate
+from mqtool.errors import MqtoolError
+from mqtool.models import MambaLMHeadModel
+from mqtool.quant.reconstruct import apply_reconstruct
+from mqtool.quant.rotate import apply_rotate
+from mqtool.quant.smooth import apply_smooth
+from mqtool.quant.state_stage import apply_quantize_states
+from mqtool.quant.weights import apply_quantize
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def _needs_calib_quantize(p: dict) -> bool:
+    return (p.get("weights") or {}).get("method") == "gptq" or (p.get("activations") or {}).get("mode") == "per_tensor"
+
+
+@dataclass(frozen=True)
+class StageDef:
+    fn: Callable[..., dict]
+    params: tuple[str, ...]
+    needs_calib: Callable[[dict], bool]
+    needs_windows: bool = False
+    help: str = ""
+
+
+STAGES: dict[str, StageDef] = {
+    "rotate": StageDef(apply_rotate, ("method", "online_targets", "seed"), lambda p: p.get("method") == "klt",
+                       help="fold norms, rotate the residual stream offline (hadamard | klt), online Hadamard"),
+    "smooth": StageDef(apply_smooth, ("method", "alpha", "targets"), lambda p: True,
+                       help="SmoothQuant or MambaQuant's smooth-fused scales, folded into weights"),
+    "quantize": StageDef(apply_quantize, ("weights", "activations", "targets", "ignore"), _needs_calib_quantize,
+                         help="fake-quantize linear weights (rtn | gptq) and attach activation quantizers"),
+    "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale"), lambda p: False,
+                                help="quantize the recurrent state cache (dsq | per-channel | per-state | per-tensor)"),
+    "reconstruct": StageDef(apply_reconstruct, ("epochs", "lr", "train", "batch_size", "seed"), lambda p: False,
+                            needs_windows=True, help="Q-Mamba's ESR block-wise reconstruction"),
+}
+
+CALIB_KEYS = ("data", "split", "samples", "seqlen", "seed", "max_chars")
+CALIB_DEFAULTS: dict[str, Any] = {"data": "wikitext2", "split": None, "samples": 128, "seqlen": 2048, "seed": 0,
+                                  "max_chars": 20_000_000}
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[tuple[str, dict[str, Any]]]
+    calibration: dict[str, Any] = field(default_factory=lambda: dict(CALIB_DEFAULTS))
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "calibration": self.calibration,
+                "stages": [{name: params} for name, params in self.stages]}
+
+
+def validate_stage(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    if name not in STAGES:
+        raise MqtoolError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(STAGES[name].params))
+    if unknown:
+        raise MqtoolError(f"stage {name}: unknown parameters {unknown}; known: {', '.join(STAGES[name].params)}")
+    return params
+
+
+def parse_recipe(d: Any, name: str = "") -> Recipe:
+    if not isinstance(d, dict):
+        raise MqtoolError(f"recipe {name}: expected a mapping with 'stages'")
+    unknown = sorted(set(d) - {"name", "description", "calibration", "stages"})
+    if unknown:
+        raise MqtoolError(f"recipe {name}: unknown keys {unknown} (known: name, description, calibration, stages)")
+    stages_in = d.get("stages")
+    if not isinstance(stages_in, list) or not stages_in:
+        raise MqtoolError(f"recipe {name}: 'stages' must be a non-empty list")
+    stages = []
+    for i, entry in enumerate(stages_in):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise MqtoolError(f"recipe {name}: stage {i + 1} must be a mapping with one key, e.g. '- rotate: {{...}}'")
+        (stage, params), = entry.items()
+        stages.append((stage, validate_stage(stage, params)))
+    calib = d.get("calibration") or {}
+    unknown = sorted(set(calib) - set(CALIB_KEYS))
+    if unknown:
+        raise MqtoolError(f"recipe {name}: unknown calibration keys {unknown}; known: {', '.join(CALIB_KEYS)}")
+    return Recipe(d.get("name", name), stages, {**CALIB_DEFAULTS, **calib}, d.get("description", ""))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    """A shipped recipe by name (`mqtool recipes` lists them) or a user's YAML/TOML file."""
+    path = Path(spec)
+    if not path.exists():
+        path = RECIPES_DIR / f"{spec}.yaml"
+        if not path.exists():
+            raise MqtoolError(f"unknown recipe {spec!r}: not a file, and not one of: {', '.join(available_recipes())}")
+    try:
+        text = path.read_text()
+        d = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MqtoolError(f"{path}: cannot parse recipe ({e})") from None
+    return parse_recipe(d, path.stem)
+
+
+CalibrationSource = Callable[[MambaLMHeadModel], Calibration]
+WindowSource = Callable[[], torch.Tensor]
+
+
+def run_stage(model: MambaLMHeadModel, online: dict, name: str, params: dict[str, Any],
+              calib: Calibration | CalibrationSource | None = None, windows: WindowSource | None = None,
+              **extra: Any) -> dict:
+    """Apply one stage in place. `calib` is a Calibration of the model as it is now, or a function
+    that makes one (called only when the stage needs it)."""
+    params = validate_stage(name, params)
+    stage = STAGES[name]
+    c = None
+    if stage.needs_calib(params):
+        if calib is None:
+            raise MqtoolError(f"stage {name} with these parameters needs calibration statistics (--calib)")
+        c = calib(model) if callable(calib) else calib
+    kwargs = dict(params)
+    if stage.needs_windows:
+        if windows is None:
+            raise MqtoolError(f"stage {name} needs calibration windows")
+        kwargs["windows"] = windows()
+        kwargs.update(extra)
+    return stage.fn(model, online, c, **kwargs)
+
+
+def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: torch.Tensor,
+               on_stage: Callable[[str, int, int], None] | None = None, **extra: Any) -> list[dict]:
+    """Run every stage in order, recalibrating on `windows` [n, seqlen] before each stage that
+    needs statistics. Returns one record per stage (for the manifest)."""
+    records = []
+    for i, (name, params) in enumerate(recipe.stages):
+        if on_stage:
+            on_stage(name, i, len(recipe.stages))
+
+        def calib_now(m: MambaLMHeadModel) -> Calibration:
+            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=4, state_samples=0)
+
+        rec = run_stage(model, online, name, params, calib=calib_now, windows=lambda: windows,
+                        **(extra if STAGES[name].needs_windows else {}))
+        records.append({"stage": name, "params": params, "record": rec})
+    return records

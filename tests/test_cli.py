@@ -1,0 +1,208 @@
+"""The command line end to end on tiny random models: every stage chains through checkpoint
+directories, errors are one line with exit code 2, recipes run and compare tabulates."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mqtool.checkpoint import load_model
+from mqtool.cli import main
+
+TEXT = ("The kernel schedules tasks on each CPU. A task that sleeps gives up the processor; "
+        "the scheduler then picks the next runnable task from its queue.\n\n") * 60
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    """Runs `mqtool ARGS` in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["mqtool", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.fixture
+def tokenizer_model(tmp_path: Path):
+    """A tiny random checkpoint per family, with its own small byte-level tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    tok_path = tmp_path / "tok.json"
+    tok.save(str(tok_path))
+
+    def make(family: str) -> Path:
+        from mqtool.checkpoint import Manifest, build_model, model_state_dict, save_checkpoint
+        from mqtool.models import MambaConfig
+
+        ssm = {"d_state": 8}
+        if family == "mamba2":
+            ssm = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16}
+        cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=tok.get_vocab_size(), ssm_cfg=ssm)
+        torch.manual_seed(0)
+        m = build_model(cfg)
+        with torch.no_grad():  # a spread of norm weights so folding and smoothing matter
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.mul_(1 + 0.3 * torch.randn_like(p))
+        out = tmp_path / family
+        save_checkpoint(out, cfg, model_state_dict(m), Manifest(source="test"), tok_path)
+        return out
+
+    return make
+
+
+def eval_ppl(capsys, model: Path, text: Path, mode: str) -> float:
+    code, out, err = run(capsys, "eval", str(model), "--tasks", str(text), "--seqlen", "32", "--max-windows", "4",
+                         "--mode", mode, "--json", "--device", "cpu")
+    assert code == 0, err
+    return json.loads(out)["results"][str(text)]["ppl"]
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_eval_modes_agree(capsys, tokenizer_model, text_file, family):
+    model = tokenizer_model(family)
+    par = eval_ppl(capsys, model, text_file, "parallel")
+    rec = eval_ppl(capsys, model, text_file, "recurrent")
+    assert abs(par - rec) / par < 1e-3, (par, rec)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_stage_chain(capsys, tmp_path, tokenizer_model, text_file, family):
+    """calibrate -> rotate (klt) -> calibrate -> smooth (smooth-fused) -> quantize (W4 gptq, A8)
+    -> quantize-states: rotation and smoothing keep perplexity; each stage refuses what it must."""
+    model = tokenizer_model(family)
+    fp = eval_ppl(capsys, model, text_file, "parallel")
+    common = ["--device", "cpu"]
+    c1, c2, c3 = tmp_path / "c1", tmp_path / "c2", tmp_path / "c3"
+    r, s, q, h = tmp_path / "r", tmp_path / "s", tmp_path / "q", tmp_path / "h"
+    calib = ["--data", str(text_file), "--samples", "8", "--seqlen", "32", "--state-samples", "2"]
+    assert run(capsys, "calibrate", str(model), "-o", str(c1), *calib, *common)[0] == 0
+    code, _, err = run(capsys, "rotate", str(model), "--calib", str(c1), "--method", "klt", "-o", str(r), *common)
+    assert code == 0, err
+    assert abs(eval_ppl(capsys, r, text_file, "parallel") / fp - 1) < 1e-3
+    # the calibration belongs to the input checkpoint, not to r
+    code, _, err = run(capsys, "smooth", str(r), "--calib", str(c1), "--method", "smooth-fused", "-o", str(s), *common)
+    assert code == 2 and "another checkpoint" in err
+    assert run(capsys, "calibrate", str(r), "-o", str(c2), *calib, *common)[0] == 0
+    code, _, err = run(capsys, "smooth", str(r), "--calib", str(c2), "--method", "smooth-fused", "-o", str(s), *common)
+    assert code == 0, err
+    assert abs(eval_ppl(capsys, s, text_file, "parallel") / fp - 1) < 1e-3
+    assert run(capsys, "calibrate", str(s), "-o", str(c3), *calib, *common)[0] == 0
+    code, _, err = run(capsys, "quantize", str(s), "--weights", "4", "--weight-method", "gptq", "--acts", "8",
+                       "--calib", str(c3), "-o", str(q), *common)
+    assert code == 0, err
+    w4 = eval_ppl(capsys, q, text_file, "parallel")
+    assert w4 != fp
+    code, _, err = run(capsys, "quantize-states", str(q), "--bits", "4", "-o", str(h), *common)
+    assert code == 0, err
+    manifest = json.loads((h / "mqtool.json").read_text())
+    assert [st["stage"] for st in manifest["stages"]] == ["rotate", "smooth", "quantize", "quantize-states"]
+    assert manifest["online"]["state_quantizer"]["bits"] == 4
+    # auto mode evaluates a state-quantized model in recurrent mode
+    code, out, err = run(capsys, "eval", str(h), "--tasks", str(text_file), "--seqlen", "32", "--max-windows", "2",
+                         "--json", *common)
+    assert code == 0 and json.loads(out)["results"][str(text_file)]["mode"] == "recurrent"
+    # refusals: rotate after quantize; an existing output without --force; output == input
+    code, _, err = run(capsys, "rotate", str(q), "--method", "hadamard", "-o", str(tmp_path / "x"), *common)
+    assert code == 2 and "after `quantize`" in err
+    code, _, err = run(capsys, "quantize-states", str(q), "-o", str(h), *common)
+    assert code == 2 and "--force" in err
+    code, _, err = run(capsys, "quantize-states", str(q), "-o", str(q), "--force", *common)
+    assert code == 2 and "input" in err
+    # the saved quantized model reloads to the same function
+    net, _ = load_model(q)
+    ids = torch.randint(0, 100, (1, 20))
+    net2, _ = load_model(q)
+    assert torch.equal(net(ids), net2(ids))
+
+
+def test_recipe_and_compare(capsys, tmp_path, tokenizer_model, text_file):
+    model = tokenizer_model("mamba2")
+    out = tmp_path / "w4a8"
+    code, _, err = run(capsys, "quantize", str(model), "--recipe", "w4a8-klt", "--samples", "4", "--seqlen", "32",
+                       "--calib-data", str(text_file), "-o", str(out), "--device", "cpu")
+    assert code == 0, err
+    stages = [s["stage"] for s in json.loads((out / "mqtool.json").read_text())["stages"]]
+    assert stages == ["rotate", "smooth", "quantize"]
+    md, js = tmp_path / "t.md", tmp_path / "t.json"
+    code, _, err = run(capsys, "compare", str(model), "--recipes", "w8a8-rtn,w16a16h4-dsq", "--tasks", str(text_file),
+                       "--seqlen", "32", "--max-windows", "2", "--samples", "4", "--calib-seqlen", "32",
+                       "--markdown", str(md), "--json", str(js), "--device", "cpu")
+    assert code == 0, err
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["fp", "w8a8-rtn", "w16a16h4-dsq"]
+    assert rows[2]["mode"] == "recurrent"
+    assert md.read_text().count("\n") == 5
+
+
+def test_user_recipe_validation(capsys, tmp_path, tokenizer_model):
+    model = tokenizer_model("mamba1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - quantize: {weights: {bits: 8}, colour: blue}\n")
+    code, _, err = run(capsys, "quantize", str(model), "--recipe", str(bad), "-o", str(tmp_path / "o"))
+    assert code == 2 and "colour" in err
+    code, _, err = run(capsys, "quantize", str(model), "--recipe", "no-such-recipe", "-o", str(tmp_path / "o"))
+    assert code == 2 and "unknown recipe" in err
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0 and "w4a8-klt" in out
+
+
+def test_errors_are_one_line(capsys, tmp_path, tokenizer_model, text_file):
+    model = tokenizer_model("mamba1")
+    cases = {}
+    cases["missing"] = ["eval", str(tmp_path / "nope")]
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (trunc / f).write_bytes((model / f).read_bytes())
+    data = (model / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = ["eval", str(trunc), "--tasks", str(text_file)]
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 768}))
+    cases["bert"] = ["eval", str(bert)]
+    cases["task"] = ["eval", str(model), "--tasks", "no-such-task"]
+    for name, args in cases.items():
+        code, out, err = run(capsys, *args)
+        assert code == 2, (name, err)
+        assert err.strip().startswith("error:") and "Traceback" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_init_and_info(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert run(capsys, "init", "tiny-mamba2", "-o", str(out))[0] == 0
+    code, text, _ = run(capsys, "info", str(out))
+    info = json.loads(text)
+    assert code == 0 and info["layer"] == "Mamba2" and info["config"]["d_model"] == 64
