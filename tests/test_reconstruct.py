@@ -16,6 +16,7 @@ from mqtool.quant.quantizers import ActQuantizer
 from mqtool.quant.reconstruct import apply_reconstruct, qat_block_forward, qat_mixer_forward
 from mqtool.quant.state_stage import apply_quantize_states
 from mqtool.quant.states import StateQuantizer
+from mqtool.quant.weights import apply_quantize, weight_codes
 
 VOCAB = 101
 
@@ -178,7 +179,8 @@ def test_requires_a_state_quantizer_and_valid_arguments(model_factory, config_fa
     apply_quantize_states(model, {}, bits=4)
     for kw in ({"windows": None}, {"windows": ids.float()}, {"windows": ids[0]}, {"windows": ids + 1000},
                {"windows": ids, "train": ("dt", "A")}, {"windows": ids, "train": ()},
-               {"windows": ids, "epochs": -1}, {"windows": ids, "lr": 0.0}, {"windows": ids, "batch_size": 0}):
+               {"windows": ids, "epochs": -1}, {"windows": ids, "lr": 0.0}, {"windows": ids, "batch_size": 0},
+               {"windows": ids, "seed": -1}):
         with pytest.raises(MqtoolError):
             apply_reconstruct(model, {}, **kw)
 
@@ -202,6 +204,42 @@ def test_works_with_activation_quantizers_attached(model_factory, config_factory
     assert all(b["loss_after"] != b["loss_before"] for b in record["blocks"])  # it trained
     assert all(isinstance(m.in_proj.input_quantizer, ActQuantizer) for m in model.mixers)  # restored
     assert all(isinstance(m.state_quantizer, StateQuantizer) for m in model.mixers)
+
+
+@pytest.mark.parametrize("fam", ["mamba1", "mamba2"])
+def test_quantized_weights_are_put_back_on_their_grid(model_factory, config_factory, fam) -> None:
+    """W8 RTN before ESR (as the w8a8h4 recipes do): without weight_specs the trained rows leave the
+    grid (export would refuse them); with the quantize stage's `tensors` record they are re-gridded
+    and every other row stays bit-identical."""
+    ids = _ids(2, 10)
+    runs = {}
+    for regrid in (False, True):
+        model = model_factory(config_factory(fam))
+        online: dict = {}
+        qrec = apply_quantize(model, online, None, weights={"bits": 8}, activations={"bits": 8})
+        apply_quantize_states(model, online, bits=4)
+        before = _params(model)
+        rec = apply_reconstruct(model, online, windows=ids, epochs=1, lr=1e-3,
+                                weight_specs=qrec["tensors"] if regrid else None)
+        runs[regrid] = (model, before, rec, qrec["tensors"])
+    model, _, rec, tensors = runs[False]
+    assert rec["requantize_weights"] is True and rec["regridded"] == []
+    trained = "mixer.x_proj.weight" if fam == "mamba1" else "mixer.in_proj.weight"
+    name = f"backbone.layers.0.{trained}"
+    with pytest.raises(MqtoolError, match="grid"):
+        weight_codes(dict(model.named_parameters())[name], tensors[name])
+    model, before, rec, tensors = runs[True]
+    assert rec["requantize_weights"] is False and f"backbone.layers.{{i}}.{trained}" in rec["regridded"]
+    params = dict(model.named_parameters())
+    for name, spec in tensors.items():
+        weight_codes(params[name], spec)  # every quantized weight is on its grid again
+    in_proj = "backbone.layers.1.mixer.in_proj.weight"
+    if fam == "mamba2":  # z and x rows of in_proj do not train: bit-identical after re-gridding
+        d = model.mixers[1].d_inner
+        assert torch.equal(params[in_proj][:2 * d], before[in_proj][:2 * d])
+        assert not torch.equal(params[in_proj], before[in_proj])
+    else:
+        assert torch.equal(params[in_proj], before[in_proj])
 
 
 class _Stop(Exception):

@@ -404,6 +404,7 @@ def reconstruct(
     import shutil
 
     from mqtool.checkpoint import check_output_dir
+    from mqtool.pipeline import weight_specs
 
     check_output_dir(output, force, (_model_spec(model),))
     net, ckpt = _load(model, dtype, device)
@@ -414,13 +415,14 @@ def reconstruct(
         bar = p.add_task("ESR blocks", total=ckpt.config.n_layer)
 
         def on_block(i, n, before, after):
-            p.advance(bar)
+            p.update(bar, completed=i + 1)
             err.print(f"block {i}: loss {before:.4g} -> {after:.4g}")
 
         _stage_command(model, output, "reconstruct",
                        {"epochs": epochs, "lr": lr, "train": _split(train), "batch_size": batch_size, "seed": seed},
                        None, force, dtype, device, windows=lambda: windows,
-                       extra={"state_dir": sdir, "on_block": on_block})
+                       extra={"state_dir": sdir, "on_block": on_block,
+                              "weight_specs": weight_specs(ckpt.manifest.stages)})
     shutil.rmtree(sdir, ignore_errors=True)
 
 

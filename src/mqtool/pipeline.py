@@ -157,6 +157,17 @@ def run_stage(model: MambaLMHeadModel, online: dict, name: str, params: dict[str
     return stage.fn(model, online, c, **kwargs)
 
 
+def weight_specs(records: list[dict]) -> dict[str, Any]:
+    """Per-tensor weight specs recorded by earlier `quantize` stages (stage records as in a
+    manifest: {"stage", "params": {..., "record"}} or {"stage", "record"})."""
+    specs: dict[str, Any] = {}
+    for r in records:
+        if r.get("stage") == "quantize":
+            rec = r.get("record") or (r.get("params") or {}).get("record") or {}
+            specs.update(rec.get("tensors", {}))
+    return specs
+
+
 def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: torch.Tensor,
                on_stage: Callable[[str, int, int], None] | None = None, **extra: Any) -> list[dict]:
     """Run every stage in order, recalibrating on `windows` [n, seqlen] before each stage that
@@ -169,7 +180,9 @@ def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: t
         def calib_now(m: MambaLMHeadModel) -> Calibration:
             return calibrate(m, windows, {"recipe": recipe.name}, batch_size=4, state_samples=0)
 
-        rec = run_stage(model, online, name, params, calib=calib_now, windows=lambda: windows,
-                        **(extra if STAGES[name].needs_windows else {}))
+        stage_extra = dict(extra) if STAGES[name].needs_windows else {}
+        if name == "reconstruct":  # keep weights quantized earlier in the recipe on their grid
+            stage_extra.setdefault("weight_specs", weight_specs(records))
+        rec = run_stage(model, online, name, params, calib=calib_now, windows=lambda: windows, **stage_extra)
         records.append({"stage": name, "params": params, "record": rec})
     return records

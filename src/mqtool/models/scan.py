@@ -200,6 +200,7 @@ def mamba2_ssd(
     if not return_states:
         return y, h
     Bh = Bg.repeat_interleave(hg, dim=1)                                             # [b, h, c, T, n]
-    within = torch.einsum("bhcts,bhcsp,bhcsn->bhctpn", L, X, Bh)
+    # sum_s L[t, s] X_s B_s^T as one matmul over s (no [.., T, T, p] intermediate)
+    within = (L @ (X.unsqueeze(-1) * Bh.unsqueeze(-2)).flatten(-2)).unflatten(-1, (p, n))
     all_states = within + carried_t.unsqueeze(3) * torch.exp(a_cum)[..., None, None]
     return y, h, all_states.permute(0, 2, 3, 1, 4, 5).reshape(b, nc * T, nh, p, n)[:, :l]

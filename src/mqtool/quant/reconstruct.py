@@ -16,8 +16,9 @@ Design decisions:
   block with every ``ActQuantizer`` and the state quantizer temporarily replaced by identities
   (online rotations and smoothing are function-preserving and stay). Weights are whatever the
   model holds: ESR trains in float, so weight quantization belongs *after* this stage — if an
-  earlier stage simulated it in place, the trained rows are off the grid and must be quantized
-  again (the record says so).
+  earlier stage simulated it in place, the trained rows are off the grid: pass that stage's
+  ``tensors`` record as ``weight_specs`` to put them back on it after each block, or quantize
+  them again later (the record says which).
 * The FP hidden states are propagated block by block (the next block's FP input is this block's
   FP output, computed before this block is trained), so memory holds one block's inputs and
   targets for all windows (on the CPU; batches move to the model's device).
@@ -26,7 +27,8 @@ Design decisions:
   update, so rows outside ``train`` stay bit-identical.
 * Mamba-1's exact states are computed here with an autograd-friendly loop (``unbind`` + ``stack``):
   ``scan.mamba1_scan`` writes each step into a preallocated tensor in place, which makes its
-  backward copy the whole time chunk at every step (measured >50x slower). Mamba-2 uses
+  backward copy the whole time chunk at every step (measured 35-50x slower than this loop for
+  2048 tokens on CPU). Mamba-2 uses
   ``scan.mamba2_ssd(return_states=True)``.
 * Resumable (``state_dir``): after each block its trained parameters and the next block's FP inputs
   are written, then ``esr.json`` (the commit point). A restart with the same settings restores the
@@ -55,7 +57,7 @@ from mqtool.models.layers import causal_conv1d
 from mqtool.models.lm import Block
 from mqtool.models.mamba1 import Mamba
 from mqtool.models.mamba2 import Mamba2
-from mqtool.quant.quantizers import ActQuantizer
+from mqtool.quant.quantizers import ActQuantizer, fake_quantize_weight
 from mqtool.quant.states import StateQuantizer, quantize_one_step
 
 __all__ = ["TRAINABLE", "apply_reconstruct", "qat_block_forward", "qat_mixer_forward", "trainable_rows"]
@@ -66,7 +68,9 @@ STATE_FILE = "esr.json"
 Rows = dict[str, tuple[nn.Parameter, Tensor | None]]
 WEIGHTS_NOTE = ("ESR trains the selected rows in floating point: weight quantization, if an earlier stage "
                 "simulated it, must be re-applied to the trained rows after reconstruction (quantize "
-                "weights after this stage).")
+                "weights after this stage, or pass that stage's `tensors` record as weight_specs).")
+REGRID_NOTE = ("trained weights named in weight_specs were put back on their RTN grid after each block "
+               "(only the trained rows move: rows and groups have their own scales)")
 
 
 # ------------------------------------------------------------------- quantization-aware forward
@@ -302,7 +306,7 @@ def _train_block(model: MambaLMHeadModel, block: Block, params: Rows,
 
 
 def _check_args(windows: Any, model: MambaLMHeadModel, epochs: Any, lr: Any, train: Any,
-                batch_size: Any) -> tuple[Tensor, tuple[str, ...]]:
+                batch_size: Any, seed: Any) -> tuple[Tensor, tuple[str, ...]]:
     if isinstance(train, str):
         train = [t.strip() for t in train.split(",") if t.strip()]
     train = tuple(dict.fromkeys(train))  # keep order, drop repeats
@@ -317,6 +321,8 @@ def _check_args(windows: Any, model: MambaLMHeadModel, epochs: Any, lr: Any, tra
         raise MqtoolError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
         raise MqtoolError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MqtoolError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.numel() == 0 \
             or windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
         raise MqtoolError("ESR needs calibration windows: an integer token tensor [n_windows, seq_len]")
@@ -324,6 +330,34 @@ def _check_args(windows: Any, model: MambaLMHeadModel, epochs: Any, lr: Any, tra
     if int(windows.min()) < 0 or int(windows.max()) >= vocab:
         raise MqtoolError(f"calibration windows hold token ids outside the vocabulary [0, {vocab})")
     return windows.long(), train
+
+
+@torch.no_grad()
+def _regrid(param: Tensor, spec: dict[str, Any]) -> None:
+    """Put a trained weight back on the grid of its weight-quantization spec ``{"bits", "group_size"}``:
+    the RTN fixed point (scales are per row or per group, so rows that did not train, already fixed
+    points, stay bit-identical)."""
+    w = param.detach().float()
+    for _ in range(4):
+        nxt = fake_quantize_weight(w, spec["bits"], spec.get("group_size"))
+        if torch.equal(nxt, w):
+            break
+        w = nxt
+    param.copy_(w.to(param.dtype))
+
+
+def _check_weight_specs(weight_specs: Any, model: MambaLMHeadModel) -> dict[str, dict[str, Any]]:
+    if weight_specs is None:
+        return {}
+    if not isinstance(weight_specs, dict):
+        raise MqtoolError("weight_specs must map '<linear>.weight' to its spec {'bits', 'group_size'}")
+    params = dict(model.named_parameters())
+    for name, spec in weight_specs.items():
+        if name not in params and name != "lm_head.weight":
+            raise MqtoolError(f"weight_specs names {name!r}, which is not a parameter of this model")
+        if not isinstance(spec, dict) or "bits" not in spec:
+            raise MqtoolError(f"weight_specs[{name!r}] must be a mapping with 'bits' (and 'group_size')")
+    return weight_specs
 
 
 # ------------------------------------------------------------------------------ resumption
@@ -406,6 +440,7 @@ def apply_reconstruct(
     state_dir: str | Path | None = None,
     on_block: Callable[[int, int, float, float], None] | None = None,
     seed: int = 0,
+    weight_specs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """ESR: train the rows producing Δ, B, C (``train``) of each block, in place, so that the
     state-quantized block matches the FP block on the FP block inputs of ``windows`` [n, seq_len].
@@ -417,8 +452,15 @@ def apply_reconstruct(
     each block and a rerun with the same settings resumes. ``on_block(i, n_layer, loss_before,
     loss_after)`` is called after each block is trained (and saved). Returns the manifest record:
     settings and per-block reconstruction loss (the quantization-aware MSE) before and after.
+
+    ``weight_specs`` (the weight-quantization stage's ``tensors`` record, ``"<linear>.weight" ->
+    {"bits", "group_size", ...}``): when weights were fake-quantized before ESR, each trained weight
+    named there is put back on its grid after its block trains (the loss after is measured on the
+    re-gridded block). Without it, trained rows of quantized weights are left off the grid and the
+    record says weight quantization must be re-applied.
     """
-    windows, train = _check_args(windows, model, epochs, lr, train, batch_size)
+    windows, train = _check_args(windows, model, epochs, lr, train, batch_size, seed)
+    weight_specs = _check_weight_specs(weight_specs, model)
     spec = None
     for mixer in model.mixers:
         spec = _state_quantizer(mixer).to_dict()
@@ -426,7 +468,7 @@ def apply_reconstruct(
     n_layer = len(layers)
     device = model.backbone.embedding.weight.device
     settings = {"epochs": epochs, "lr": float(lr), "train": list(train), "batch_size": batch_size,
-                "seed": seed, "state_quantizer": spec}
+                "seed": seed, "state_quantizer": spec, "weight_specs": weight_specs}
     params = [trainable_rows(layer, train) for layer in layers]
 
     blocks: list[dict[str, Any]] = []
@@ -452,6 +494,9 @@ def apply_reconstruct(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         _train_block(model, block, params[i], hidden, residual, target, epochs, lr, batch_size, generator,
                      device)
+        for name, (p, _) in params[i].items():
+            if f"backbone.layers.{i}.{name}" in weight_specs:
+                _regrid(p, weight_specs[f"backbone.layers.{i}.{name}"])
         after = _block_loss(block, hidden, residual, target, batch_size, device)
         blocks.append({"block": i, "loss_before": before, "loss_after": after})
         hidden, residual = target, next_residual  # the next block's FP inputs
@@ -464,6 +509,8 @@ def apply_reconstruct(
         if on_block is not None:
             on_block(i, n_layer, before, after)
 
+    regridded = sorted(f"backbone.layers.{{i}}.{name}" for name in params[0]
+                       if f"backbone.layers.0.{name}" in weight_specs)
     return {
         "method": "esr",
         "epochs": epochs,
@@ -480,6 +527,7 @@ def apply_reconstruct(
                     for name, (_, mask) in params[0].items()},
         "blocks": blocks,
         "resumed_blocks": resumed,
-        "requantize_weights": True,
-        "note": WEIGHTS_NOTE,
+        "regridded": regridded,
+        "requantize_weights": not weight_specs,
+        "note": REGRID_NOTE if weight_specs else WEIGHTS_NOTE,
     }

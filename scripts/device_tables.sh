@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the accuracy tables for one reference model on the GPU machine (device tool). Usage:
+#   scripts/device_tables.sh MODEL_DIR NAME PART     (PART: fp | linear | states)
+# Writes NAME-PART.{md,json,log} under $OUT (or ./out).
+set -uo pipefail
+model=$1; name=$2; part=$3
+out=${OUT:-out}; mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 MQTOOL_DATA=${MQTOOL_DATA:-$PWD/.carry/data}
+tasks=wikitext2,c4,techdocs-test
+case $part in
+fp)
+  for mode in parallel recurrent; do
+    python3 -m mqtool eval "$model" --tasks $tasks --seqlen 1024 --mode $mode --batch-size 512 --json \
+      > "$out/$name-fp-$mode.json" 2> "$out/$name-fp-$mode.log"
+    python3 - "$out/$name-fp-$mode.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for t, r in d["results"].items():
+    print(f"{r['mode']:9s} {t:14s} ppl {r['ppl']:.3f}  windows {r['windows']}  {r['seconds']:.1f}s")
+PY
+  done ;;
+linear)
+  python3 -m mqtool compare "$model" --tasks $tasks --seqlen 1024 --batch-size 64 \
+    --recipes w8a8-rtn,w8a8-gptq,w8a8-smoothquant,w8a8-quarot,w8a8-klt,w4a8-rtn,w4a8-gptq,w4a8-smoothquant,w4a8-quarot,w4a8-ablation-klt,w4a8-ablation-hadamard-sf,w4a8-klt \
+    --markdown "$out/$name-linear.md" --json "$out/$name-linear.json" 2>&1 | grep -v "^\s*$" | tee "$out/$name-linear.log" | grep -E "^[a-z0-9-]+: " ;;
+states)
+  python3 -m mqtool compare "$model" --tasks $tasks --seqlen 1024 --batch-size 512 --samples ${ESR_SAMPLES:-32} \
+    --recipes w16a16h8-dsq,w16a16h8-perchannel,w16a16h6-dsq,w16a16h6-perchannel,w16a16h4-pertensor,w16a16h4-perchannel,w16a16h4-perstate,w16a16h4-dsq,w16a16h4-dsq-esr,w8a8h8-qmamba,w8a8h6-qmamba,w8a8h4-qmamba,w4a8h4-klt-dsq \
+    --markdown "$out/$name-states.md" --json "$out/$name-states.json" 2>&1 | grep -v "^\s*$" | tee "$out/$name-states.log" | grep -E "^[a-z0-9-]+: " ;;
+esac
