@@ -178,7 +178,8 @@ def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: t
             on_stage(name, i, len(recipe.stages))
 
         def calib_now(m: MambaLMHeadModel) -> Calibration:
-            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=4, state_samples=0)
+            on_gpu = m.backbone.embedding.weight.is_cuda  # big batches: a step loop is launch-bound there
+            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=32 if on_gpu else 4, state_samples=0)
 
         stage_extra = dict(extra) if STAGES[name].needs_windows else {}
         if name == "reconstruct":  # keep weights quantized earlier in the recipe on their grid
