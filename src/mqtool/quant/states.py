@@ -162,8 +162,8 @@ def dequantize_state_int(
 class StateQuantizer(nn.Module):
     """Fake-quantizes a state cache with dynamic scales; attach at the model's state-update point.
 
-    The forward always uses the straight-through estimator: its value is identical to plain fake
-    quantization and it lets reconstruction (ESR) backpropagate through the quantized state.
+    With gradients enabled the forward uses the straight-through estimator: its value is identical
+    to plain fake quantization and it lets reconstruction (ESR) backpropagate through the state.
     """
 
     def __init__(self, bits: int = 8, method: str = "dsq", channel_scale: str = "abs.mean.sqrt") -> None:
@@ -174,7 +174,8 @@ class StateQuantizer(nn.Module):
         self.channel_scale = channel_scale
 
     def forward(self, h: Tensor) -> Tensor:
-        return quantize_state(h, self.bits, self.method, self.channel_scale, ste=True)
+        # the straight-through form only when something may backpropagate: same values, fewer ops
+        return quantize_state(h, self.bits, self.method, self.channel_scale, ste=torch.is_grad_enabled())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON description for the checkpoint manifest."""
