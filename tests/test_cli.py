@@ -206,3 +206,20 @@ def test_init_and_info(capsys, tmp_path):
     code, text, _ = run(capsys, "info", str(out))
     info = json.loads(text)
     assert code == 0 and info["layer"] == "Mamba2" and info["config"]["d_model"] == 64
+
+
+def test_every_shipped_recipe_parses():
+    from mqtool.pipeline import STAGES, available_recipes, load_recipe
+
+    names = available_recipes()
+    assert {"w8a8-klt", "w4a8-klt", "w8a8h4-qmamba", "w4a8h4-klt-dsq"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.stages and all(stage in STAGES for stage, _ in recipe.stages), name
+
+
+def test_demo_main_job(capsys):
+    """The README's main command: the embedded model, quantized by two recipes, offline."""
+    code, out, err = run(capsys, "demo", "--recipes", "w8a8-rtn,w16a16h4-dsq")
+    assert code == 0, err
+    assert "w8a8-rtn" in out and "w16a16h4-dsq" in out and "fp" in out
