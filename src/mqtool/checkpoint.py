@@ -184,7 +184,12 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[MambaLMHeadModel, Checkpoint]:
     ckpt = load_checkpoint(spec)
-    return build_model(ckpt.config, ckpt.state_dict, dtype, device, ckpt.manifest.online), ckpt
+    state = ckpt.state_dict
+    if ckpt.manifest.exported:  # packed codes + scales -> the simulated weights they encode
+        from mqtool.quant.export import import_state_dict
+
+        state = import_state_dict(state, ckpt.manifest.quant.get("weights", {}))
+    return build_model(ckpt.config, state, dtype, device, ckpt.manifest.online), ckpt
 
 
 def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:

@@ -500,6 +500,37 @@ def _run_recipe(net, ckpt, rec, samples, seqlen, calib_data, data_dir, quiet: bo
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A quantized (simulated) checkpoint.")],
+    output: OutOpt,
+    force: ForceOpt = False,
+) -> None:
+    """Pack quantized weights as integer codes + scales (int8; int4 two to a byte), the form the
+    integer kernels consume. Loading the export gives exactly the simulated model's weights."""
+    from mqtool.checkpoint import check_output_dir, checkpoint_hash, load_checkpoint, record_stage, save_checkpoint
+    from mqtool.pipeline import weight_specs
+    from mqtool.quant.export import export_state_dict
+
+    src = _model_spec(model)
+    check_output_dir(output, force, (src,))
+    ckpt = load_checkpoint(src)
+    if ckpt.manifest.exported:
+        raise MqtoolError(f"{model} is already exported")
+    specs = weight_specs(ckpt.manifest.stages)
+    if not specs:
+        raise MqtoolError(f"{model} has no quantized weights to export: run `mqtool quantize` first")
+    state = export_state_dict(ckpt.state_dict, specs)
+    manifest = record_stage(ckpt.manifest, "export", {"tensors": len(specs)}, checkpoint_hash(ckpt.path))
+    manifest.exported = True
+    manifest.quant["weights"] = specs
+    save_checkpoint(output, ckpt.config, state, manifest, ckpt.tokenizer_path, force=force)
+    before = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
+    after = sum(v.numel() * v.element_size() for v in state.values())
+    err.print(f"export: wrote {output} ({len(specs)} quantized tensors; weights {before / 2**20:.1f} MiB -> "
+              f"{after / 2**20:.1f} MiB)")
+
+
+@app.command()
 def recipes() -> None:
     """List the shipped recipes."""
     from mqtool.pipeline import available_recipes, load_recipe

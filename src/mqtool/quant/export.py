@@ -1,0 +1,72 @@
+"""Export: simulated weights -> packed integer codes + scales, and back.
+
+A simulated checkpoint stores each quantized weight as its dequantized value ``q * scale``. Export
+replaces `<linear>.weight` by
+  * `<linear>.weight_q`: the codes — int8 ``[out, in]`` for 5–8 bits; for 4 bits (and fewer) uint8
+    ``[out, in / 2]``, two two's-complement nibbles a byte, the even column in the low nibble;
+  * `<linear>.weight_scale`: float32 ``[out, 1]`` (per channel) or ``[out, in / group_size]``;
+exactly the codes and scales of `quant.quantizers` (symmetric, ``[-qmax, qmax]``), which the integer
+kernels consume as they are. Loading an exported checkpoint dequantizes them back to the very
+weights the simulated model had, so its perplexity equals the simulated one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mqtool.errors import MqtoolError
+from mqtool.quant.quantizers import dequantize_weight
+from mqtool.quant.weights import weight_codes
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 codes in [-8, 7], [out, in] with in even -> uint8 [out, in / 2] (low nibble = even column)."""
+    if q.shape[-1] % 2:
+        raise MqtoolError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4: uint8 [out, in / 2] -> int8 codes [out, in]."""
+    lo = (packed & 0xF).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    lo = torch.where(lo >= 8, lo - 16, lo)
+    hi = torch.where(hi >= 8, hi - 16, hi)
+    return torch.stack((lo, hi), dim=-1).flatten(-2).to(torch.int8)
+
+
+def _packed(bits: int) -> bool:
+    return bits <= 4
+
+
+def export_state_dict(state: dict[str, Tensor], specs: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
+    """Replace every weight named in `specs` (`<linear>.weight` -> {"bits", "group_size"}) by its
+    codes and scales. Raises when a weight is not on the grid its spec records."""
+    out = dict(state)
+    for name, spec in specs.items():
+        if name not in out:
+            raise MqtoolError(f"the manifest quantizes {name}, which is not in the weights")
+        q, scale = weight_codes(out.pop(name).float(), spec)
+        base = name[: -len(".weight")]
+        out[f"{base}.weight_q"] = pack_int4(q) if _packed(spec["bits"]) and q.shape[1] % 2 == 0 else q
+        out[f"{base}.weight_scale"] = scale.float().contiguous()
+    return out
+
+
+def import_state_dict(state: dict[str, Tensor], specs: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
+    """Inverse of export_state_dict: codes and scales -> the dequantized float32 weights."""
+    out = dict(state)
+    for name, spec in specs.items():
+        base = name[: -len(".weight")]
+        try:
+            q, scale = out.pop(f"{base}.weight_q"), out.pop(f"{base}.weight_scale")
+        except KeyError:
+            raise MqtoolError(f"exported checkpoint lacks the codes or scales of {name}") from None
+        if q.dtype == torch.uint8:
+            q = unpack_int4(q)
+        out[name] = dequantize_weight(q, scale, spec.get("group_size"))
+    return out
