@@ -14,6 +14,8 @@ the linear's online `input_transform`, i.e. what its quantizer sees) and
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +100,20 @@ class Calibration:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.stats.items()}, out / STATS_FILE)
         (out / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    def save_atomic(self, out: Path) -> None:
+        """Write to a temporary sibling, then rename into place (replacing an existing `out`)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            self.save(tmp)
+            tmp.chmod(0o755)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

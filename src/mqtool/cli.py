@@ -187,17 +187,8 @@ def calibrate(
         acts = p.add_task("activations", total=samples)
         states = p.add_task("states (recurrent)", total=min(state_samples, samples) and seqlen)
         calib = run_calibration(net, windows, meta, batch_size, state_samples,
-                                on_batch=lambda what, k: p.advance(acts if what == "activations" else states,
-                                                                   k if what == "activations" else k))
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent if output.parent.exists() else None))
-    calib.save(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(output)
+                                on_batch=lambda what, k: p.advance(acts if what == "activations" else states, k))
+    calib.save_atomic(output)
     err.print(f"wrote {output} ({len(calib.stats)} statistics, {calib.meta['seconds']:.1f}s)")
 
 
