@@ -461,7 +461,8 @@ def quantize(
     for r in records:
         manifest = record_stage(manifest, r["stage"], {**r["params"], "record": r["record"], "recipe": rec.name},
                                 ckpt.input_hash)
-    manifest.online = r["online"] if records else manifest.online
+    if records:
+        manifest.online = records[-1]["online"]
     save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
     err.print(f"recipe {rec.name}: wrote {output} in {seconds:.1f}s")
 
