@@ -651,12 +651,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and aborts carry their own exit codes
-        import click
-
-        if isinstance(e, click.ClickException):
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:
+        # usage errors (bad option values, unknown commands) carry their own message and exit code;
+        # typer may vendor click, so recognise them by what they offer rather than by class
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
         raise
