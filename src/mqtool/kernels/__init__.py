@@ -1,0 +1,32 @@
+"""Triton kernels that run a quantized Mamba model on a GPU, each with a plain-PyTorch reference.
+
+Every public function launches its Triton kernel on CUDA tensors (and on CPU tensors when
+``TRITON_INTERPRET=1`` was set before this package was imported: Triton's NumPy interpreter,
+which the tests use) and runs its ``*_ref`` otherwise, e.g. on CPU or when Triton is missing
+(:data:`HAS_TRITON`). The kernels never import ``mqtool.quant``: the few formulas they follow are
+restated in each file, and the tests check the references against ``mqtool.quant``.
+
+* :func:`act_quant` - per-token dynamic int8 quantization of activations.
+* :func:`int8_matmul` / :func:`w4a8_matmul` - W8A8 and W4A8 (packed int4) integer GEMMs with
+  per-token activation scales and per-channel or per-group weight scales.
+* :func:`state_update` - one Mamba-2 recurrent step on a DSQ-quantized (or fp32) state cache.
+"""
+
+from ._common import HAS_TRITON, INTERPRET
+from .act_quant import act_quant, act_quant_ref
+from .int8_matmul import int8_matmul, int8_matmul_ref, unpack_int4_ref, w4a8_matmul, w4a8_matmul_ref
+from .state_update import state_update, state_update_ref
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRET",
+    "act_quant",
+    "act_quant_ref",
+    "int8_matmul",
+    "int8_matmul_ref",
+    "state_update",
+    "state_update_ref",
+    "unpack_int4_ref",
+    "w4a8_matmul",
+    "w4a8_matmul_ref",
+]
