@@ -1,0 +1,179 @@
+"""state_update: the Mamba-2 step on a DSQ-quantized state, Triton kernel (interpreted on CPU)
+against its PyTorch reference, and the reference against mqtool's model step and state quantizer.
+
+``exp`` and the reductions (``h · C``, the mean over the state dim) are not bit-identical between
+Triton and PyTorch, so y and the scales agree to fp32 rounding and a code may differ by one where
+``h / step`` lies within an ulp of a half-integer; the tests count such codes and allow a few.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # set before mqtool.kernels is imported (see test_kernels_act_quant)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from mqtool.kernels import INTERPRET, state_update, state_update_ref  # noqa: E402
+from mqtool.kernels._common import interpreter_problem  # noqa: E402
+from mqtool.kernels.state_update import CHANNEL_STATS, _dsq_ref, state_update_triton  # noqa: E402
+from mqtool.models.scan import mamba2_step  # noqa: E402
+from mqtool.quant.states import dequantize_state_int, quantize_state_int  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("mqtool.kernels was imported before TRITON_INTERPRET was set", allow_module_level=True)
+if interpreter_problem():
+    pytest.skip(interpreter_problem(), allow_module_level=True)
+
+
+def _inputs(b, nh, p, n, g, seed=0, dtype=torch.float32, d_kind="head"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    h0 = r(b, nh, p, n) * torch.logspace(-2, 1, p)[:, None]        # channels of varied magnitude
+    x = r(b, nh, p).to(dtype)
+    dt = torch.rand(b, nh, generator=gen) * 0.9 + 0.05
+    A = -torch.rand(nh, generator=gen) * 4 - 0.1
+    B_in, C_in = r(b, g, n).to(dtype), r(b, g, n).to(dtype)
+    D = {"none": None, "head": r(nh), "channel": r(nh, p)}[d_kind]
+    out = [h0, x, dt, A, B_in, C_in, D]
+    return [None if t is None else t.to(DEVICE) for t in out]
+
+
+def _quantized_state(h0, bits, channel_stat="abs.mean.sqrt"):
+    return quantize_state_int(h0, bits, "dsq", channel_stat)
+
+
+def _run_both(h0, x, dt, A, B_in, C_in, D, bits, channel_stat="abs.mean.sqrt"):
+    q, sc, ss = _quantized_state(h0, bits, channel_stat)
+    kern = [q.clone(), sc.clone(), ss.clone()]
+    ref = [q.clone(), sc.clone(), ss.clone()]
+    y = state_update_triton(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits, channel_stat)
+    yr = state_update_ref(ref[0], x, dt, A, B_in, C_in, D, ref[1], ref[2], bits, channel_stat)
+    return y, yr, kern, ref
+
+
+def _compare(y, yr, kern, ref, max_code_mismatch_frac=2e-3):
+    """y and scales to fp32 rounding; codes exact except rare off-by-one near-ties. Returns the
+    number of differing codes."""
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * yr.abs().max().item())
+    torch.testing.assert_close(kern[1], ref[1], rtol=4e-7, atol=0)   # scale_channel: <= a few ulps
+    torch.testing.assert_close(kern[2], ref[2], rtol=4e-6, atol=0)   # scale_state: a max of ratios
+    diff = (kern[0].int() - ref[0].int()).abs()
+    n_bad = int((diff != 0).sum())
+    assert int(diff.max()) <= 1, f"a code differs by {int(diff.max())}"
+    assert n_bad <= max(2, max_code_mismatch_frac * diff.numel()), f"{n_bad} of {diff.numel()} codes differ"
+    return n_bad
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("channel_stat", CHANNEL_STATS)
+def test_reference_is_mamba2_step_then_dsq(bits, channel_stat):
+    h0, x, dt, A, B_in, C_in, D = (t.cpu() for t in _inputs(2, 4, 16, 32, 2, d_kind="channel"))
+    q, sc, ss = _quantized_state(h0, bits, channel_stat)
+    y_m, h_m = mamba2_step(dequantize_state_int(q, sc, ss), x, dt, A, B_in, C_in, D)
+    state = [q.clone(), sc.clone(), ss.clone()]
+    y = state_update_ref(state[0], x, dt, A, B_in, C_in, D, state[1], state[2], bits, channel_stat)
+    torch.testing.assert_close(y, y_m, rtol=1e-5, atol=1e-5)
+    # the re-quantization is DSQ bit for bit, given the same h
+    h = dequantize_state_int(q, sc, ss) * torch.exp(dt * A)[..., None, None] \
+        + (dt[..., None] * x)[..., None] * B_in.repeat_interleave(2, dim=1)[:, :, None, :]
+    want = quantize_state_int(h, bits, "dsq", channel_stat)
+    for got, exp in zip(_dsq_ref(h, bits, channel_stat), want, strict=True):
+        assert torch.equal(got, exp)
+    step = (state[1] * state[2]).max().item()  # the new quantization step: error <= step / 2
+    torch.testing.assert_close(dequantize_state_int(*state), h_m, rtol=0, atol=0.5 * step * (1 + 1e-5))
+
+
+def test_reference_fp32_state_is_mamba2_step():
+    h0, x, dt, A, B_in, C_in, D = (t.cpu() for t in _inputs(2, 4, 8, 16, 1))
+    y_m, h_m = mamba2_step(h0, x, dt, A, B_in, C_in, D)
+    state = h0.clone()
+    y = state_update_ref(state, x, dt, A, B_in, C_in, D)
+    torch.testing.assert_close(y, y_m, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state, h_m, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ kernel vs reference
+
+# (B, H, P, N, G): P=16, N=32 with 1 and 2 groups, more groups, and a tile that is not a power of 2
+SHAPES = [(2, 4, 16, 32, 1), (2, 4, 16, 32, 2), (1, 4, 16, 32, 4), (3, 3, 12, 20, 1)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("b,nh,p,n,g", SHAPES)
+def test_quantized_step_matches_reference(b, nh, p, n, g, bits):
+    y, yr, kern, ref = _run_both(*_inputs(b, nh, p, n, g, seed=b * 7 + g), bits=bits)
+    _compare(y, yr, kern, ref)
+
+
+@pytest.mark.parametrize("channel_stat", CHANNEL_STATS)
+@pytest.mark.parametrize("d_kind", ["none", "head", "channel"])
+def test_channel_statistics_and_D(channel_stat, d_kind):
+    y, yr, kern, ref = _run_both(*_inputs(2, 4, 16, 32, 2, seed=5, d_kind=d_kind), bits=8, channel_stat=channel_stat)
+    _compare(y, yr, kern, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    y, yr, kern, ref = _run_both(*_inputs(2, 4, 16, 32, 2, seed=6, dtype=dtype), bits=8)
+    _compare(y, yr, kern, ref)
+
+
+@pytest.mark.parametrize("b,nh,p,n,g", SHAPES[1:])
+def test_fp32_state_matches_reference(b, nh, p, n, g):
+    h0, x, dt, A, B_in, C_in, D = _inputs(b, nh, p, n, g, seed=9)
+    s_k, s_r = h0.clone(), h0.clone()
+    y = state_update_triton(s_k, x, dt, A, B_in, C_in, D)
+    yr = state_update_ref(s_r, x, dt, A, B_in, C_in, D)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_k, s_r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_sequence_of_steps_from_an_empty_cache(bits):
+    """Generation from a zero state: at each step both start from the reference's state, so the
+    states are the realistic ones of a running recurrence (decayed, partly filled)."""
+    b, nh, p, n, g = 2, 4, 16, 32, 2
+    ref = [torch.zeros(b, nh, p, n, dtype=torch.int8, device=DEVICE),
+           torch.ones(b, nh, p, 1, device=DEVICE), torch.ones(b, nh, 1, n, device=DEVICE)]
+    for t in range(4):
+        _, x, dt, A, B_in, C_in, D = _inputs(b, nh, p, n, g, seed=100 + t)
+        kern = [s.clone() for s in ref]
+        y = state_update(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits)
+        yr = state_update_ref(ref[0], x, dt, A, B_in, C_in, D, ref[1], ref[2], bits)
+        _compare(y, yr, kern, ref)
+
+
+def test_bad_arguments_are_refused():
+    h0, x, dt, A, B_in, C_in, D = _inputs(1, 4, 16, 32, 1)
+    q, sc, ss = _quantized_state(h0, 8)
+    with pytest.raises(AssertionError):
+        state_update_triton(q, x, dt, A, B_in, C_in, D)                       # int8 state without scales
+    with pytest.raises(AssertionError):
+        state_update_triton(q, x, dt, A, B_in, C_in, D, ss.transpose(-1, -2), sc.transpose(-1, -2))
+    with pytest.raises(AssertionError):
+        state_update_triton(h0, x, dt, A, B_in[:, :, :16], C_in[:, :, :16], D)
+    with pytest.raises(AssertionError):
+        state_update_triton(h0.transpose(-1, -2).contiguous().transpose(-1, -2), x, dt, A, B_in, C_in, D)
+
+
+# ------------------------------------------------------------------------------ GPU, model-sized
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("b,nh,p,n,g", [(1, 80, 64, 128, 1), (16, 80, 64, 128, 1), (4, 48, 64, 128, 8)])
+def test_gpu_model_sized(b, nh, p, n, g, bits):
+    y, yr, kern, ref = _run_both(*_inputs(b, nh, p, n, g, seed=1), bits=bits)
+    _compare(y, yr, kern, ref)
