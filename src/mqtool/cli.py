@@ -116,6 +116,8 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Run the exported linears on the integer kernels "
+                                          "(an `mqtool export` checkpoint with 8-bit activations).")] = False,
 ) -> None:
     """Perplexity, GPTQ-style: non-overlapping windows, mean NLL over every predicted token."""
     from mqtool.data import eval_tokens, eval_windows, load_tokenizer
@@ -124,7 +126,7 @@ def eval_cmd(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
         raise MqtoolError("--tasks is empty")
-    net, ckpt = _load(model, dtype, device)
+    net, ckpt = (_load_integer if kernels else _load)(model, dtype, device)
     tok = load_tokenizer(ckpt.path, data_dir)
     run_mode = mode.value
     if run_mode == "auto":
@@ -148,6 +150,56 @@ def eval_cmd(
         table.add_column(col, justify="left" if col in ("task", "mode") else "right")
     for task, r in results.items():
         table.add_row(task, f"{r['ppl']:.3f}", str(r["windows"]), str(r["tokens"]), r["mode"], f"{r['seconds']:.1f}")
+    out.print(table)
+
+
+def _load_integer(spec: str, dtype: DType, device: str):
+    """As `_load`, with the exported linears on the integer kernels (mqtool.runtime)."""
+    import torch
+
+    from mqtool.runtime import load_integer_model
+
+    if dtype == DType.float32:  # as _load: no TF32 in the float parts
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, hub repo id, or `demo`.")],
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 1,
+    prompt_len: Annotated[int, typer.Option(min=1, help="Prefill tokens per sequence.")] = 512,
+    gen_len: Annotated[int, typer.Option(min=1, help="Decode steps (one token per sequence each).")] = 128,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Integer kernels (exported "
+                                          "checkpoints) or the simulated model.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+) -> None:
+    """Time prefill and decode on random tokens (no data needed); report memory and weight bytes."""
+    from mqtool.runtime import benchmark
+
+    net, _ = (_load_integer if kernels else _load)(model, dtype, device)
+    res = {"model": model, **benchmark(net, batch=batch, prompt_len=prompt_len, gen_len=gen_len)}
+    if json_out:
+        print(json.dumps(res, indent=2))
+        return
+    backend = res["kernel_backend"] or "simulated"
+    table = Table(title=f"{model}  ({res['layer']}, {res['dtype']}, {res['device']}, {backend})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    mib = 2**20
+    for label, value in (
+        (f"prefill {batch} x {prompt_len}", f"{res['prefill_seconds'] * 1000:.1f} ms, "
+                                            f"{res['prefill_tokens_per_s']:,.0f} tok/s"),
+        (f"decode {gen_len} steps", f"{res['decode_ms_per_step']:.2f} ms/step, "
+                                    f"{res['decode_tokens_per_s']:,.0f} tok/s"),
+        ("weights", f"{res['weight_bytes'] / mib:.2f} MiB"),
+        ("state cache", f"{res['state_cache_bytes'] / mib:.3f} MiB"),
+        (f"peak memory ({res['peak_memory_kind']})", f"{res['peak_memory_bytes'] / mib:.2f} MiB"),
+    ):
+        table.add_row(label, value)
     out.print(table)
 
 
