@@ -4,32 +4,19 @@ directories, errors are one line with exit code 2, recipes run and compare tabul
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_cli
 from mqtool.checkpoint import load_model
-from mqtool.cli import main
 
 TEXT = ("The kernel schedules tasks on each CPU. A task that sleeps gives up the processor; "
         "the scheduler then picks the next runnable task from its queue.\n\n") * 60
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    """Runs `mqtool ARGS` in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["mqtool", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 @pytest.fixture(autouse=True)

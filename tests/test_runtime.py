@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -23,9 +22,9 @@ if not torch.cuda.is_available():  # set before mqtool.kernels is imported (see 
 pytest.importorskip("triton")
 
 from conftest import make_config, make_model  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import run_cli
 from mqtool import kernels  # noqa: E402
 from mqtool.checkpoint import Manifest, load_model, model_state_dict, save_checkpoint  # noqa: E402
-from mqtool.cli import main  # noqa: E402
 from mqtool.errors import MqtoolError  # noqa: E402
 from mqtool.kernels._common import interpreter_problem  # noqa: E402
 from mqtool.models.layers import Linear  # noqa: E402
@@ -218,19 +217,7 @@ def test_int_linear_checks_its_codes():
 
 # ------------------------------------------------------------------------------------ CLI
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    """Runs `mqtool ARGS` in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["mqtool", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 def test_benchmark_fields(tmp_path):

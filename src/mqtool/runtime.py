@@ -35,6 +35,7 @@ from mqtool.checkpoint import Checkpoint, build_model, load_checkpoint
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaLMHeadModel
 from mqtool.models.layers import Linear
+from mqtool.quant.export import pop_codes
 from mqtool.quant.quantizers import ActQuantizer, quantize_per_tensor
 
 __all__ = ["IntLinear", "benchmark", "kernel_backend", "load_integer_model", "model_bytes", "tensor_bytes"]
@@ -153,10 +154,7 @@ def load_integer_model(spec: str | Path, dtype: torch.dtype = torch.float32,
     codes: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
     for name, wspec in specs.items():
         base = name[: -len(".weight")]
-        try:
-            q, scale = state.pop(f"{base}.weight_q"), state.pop(f"{base}.weight_scale")
-        except KeyError:
-            raise MqtoolError(f"exported checkpoint lacks the codes or scales of {name}") from None
+        q, scale = pop_codes(state, name)
         k = q.shape[1] * 2 if q.dtype == torch.uint8 else q.shape[1]
         state[name] = _placeholder((q.shape[0], k), dtype, device)
         codes[base] = (q, scale, wspec)

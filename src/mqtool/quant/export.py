@@ -57,15 +57,20 @@ def export_state_dict(state: dict[str, Tensor], specs: dict[str, dict[str, Any]]
     return out
 
 
+def pop_codes(state: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor]:
+    """Remove and return the codes and scales stored for weight `name` (`<linear>.weight`)."""
+    base = name[: -len(".weight")]
+    try:
+        return state.pop(f"{base}.weight_q"), state.pop(f"{base}.weight_scale")
+    except KeyError:
+        raise MqtoolError(f"exported checkpoint lacks the codes or scales of {name}") from None
+
+
 def import_state_dict(state: dict[str, Tensor], specs: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
     """Inverse of export_state_dict: codes and scales -> the dequantized float32 weights."""
     out = dict(state)
     for name, spec in specs.items():
-        base = name[: -len(".weight")]
-        try:
-            q, scale = out.pop(f"{base}.weight_q"), out.pop(f"{base}.weight_scale")
-        except KeyError:
-            raise MqtoolError(f"exported checkpoint lacks the codes or scales of {name}") from None
+        q, scale = pop_codes(out, name)
         if q.dtype == torch.uint8:
             q = unpack_int4(q)
         out[name] = dequantize_weight(q, scale, spec.get("group_size"))
