@@ -19,12 +19,7 @@ TEXT = ("The kernel schedules tasks on each CPU. A task that sleeps gives up the
 run = run_cli
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one thread, restored after
 
 
 @pytest.fixture

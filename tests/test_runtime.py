@@ -47,12 +47,7 @@ LINEAR_RTOL = 2e-6
 BATCH, SEQ, REC_SEQ = 2, 9, 5  # 9 crosses Mamba-2's chunk of 8; the interpreter is slow, so keep it short
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one thread, restored after
 
 
 def _export(tmp_path: Path, family: str, bits: int, group_size: int | None, rotate: bool = False,
