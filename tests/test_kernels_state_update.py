@@ -19,9 +19,9 @@ pytest.importorskip("triton")
 
 from mqtool.kernels import INTERPRET, state_update, state_update_ref  # noqa: E402
 from mqtool.kernels._common import interpreter_problem  # noqa: E402
-from mqtool.kernels.state_update import CHANNEL_STATS, _dsq_ref, state_update_triton  # noqa: E402
+from mqtool.kernels.state_update import CHANNEL_STATS, METHODS, _dsq_ref, state_update_triton  # noqa: E402
 from mqtool.models.scan import mamba2_step  # noqa: E402
-from mqtool.quant.states import dequantize_state_int, quantize_state_int  # noqa: E402
+from mqtool.quant.states import StateQuantizer, dequantize_state_int, quantize_state, quantize_state_int  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
@@ -46,16 +46,16 @@ def _inputs(b, nh, p, n, g, seed=0, dtype=torch.float32, d_kind="head"):
     return [None if t is None else t.to(DEVICE) for t in out]
 
 
-def _quantized_state(h0, bits, channel_stat="abs.mean.sqrt"):
-    return quantize_state_int(h0, bits, "dsq", channel_stat)
+def _quantized_state(h0, bits, channel_stat="abs.mean.sqrt", method="dsq"):
+    return quantize_state_int(h0, bits, method, channel_stat)
 
 
-def _run_both(h0, x, dt, A, B_in, C_in, D, bits, channel_stat="abs.mean.sqrt"):
-    q, sc, ss = _quantized_state(h0, bits, channel_stat)
+def _run_both(h0, x, dt, A, B_in, C_in, D, bits, channel_stat="abs.mean.sqrt", method="dsq"):
+    q, sc, ss = _quantized_state(h0, bits, channel_stat, method)
     kern = [q.clone(), sc.clone(), ss.clone()]
     ref = [q.clone(), sc.clone(), ss.clone()]
-    y = state_update_triton(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits, channel_stat)
-    yr = state_update_ref(ref[0], x, dt, A, B_in, C_in, D, ref[1], ref[2], bits, channel_stat)
+    y = state_update_triton(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits, channel_stat, method)
+    yr = state_update_ref(ref[0], x, dt, A, B_in, C_in, D, ref[1], ref[2], bits, channel_stat, method)
     return y, yr, kern, ref
 
 
@@ -94,6 +94,17 @@ def test_reference_is_mamba2_step_then_dsq(bits, channel_stat):
     torch.testing.assert_close(dequantize_state_int(*state), h_m, rtol=0, atol=0.5 * step * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_quantizer_is_quant_states(method, bits):
+    """Every method's scales and codes are mqtool.quant.states' own, bit for bit."""
+    h = _inputs(2, 3, 16, 32, 1, seed=11)[0].cpu()
+    h[0, 1] = 0.0                                       # an all-zero state takes the EPS floor
+    for got, want in zip(_dsq_ref(h, bits, "abs.mean.sqrt", method), quantize_state_int(h, bits, method),
+                         strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_reference_fp32_state_is_mamba2_step():
     h0, x, dt, A, B_in, C_in, D = (t.cpu() for t in _inputs(2, 4, 8, 16, 1))
     y_m, h_m = mamba2_step(h0, x, dt, A, B_in, C_in, D)
@@ -127,6 +138,65 @@ def test_channel_statistics_and_D(channel_stat, d_kind):
 def test_half_precision_inputs(dtype):
     y, yr, kern, ref = _run_both(*_inputs(2, 4, 16, 32, 2, seed=6, dtype=dtype), bits=8)
     _compare(y, yr, kern, ref)
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_single_scale_methods_match_reference(method, bits):
+    y, yr, kern, ref = _run_both(*_inputs(2, 4, 16, 32, 2, seed=8), bits=bits, method=method)
+    _compare(y, yr, kern, ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fake_quant_state_is_the_dequantized_codes(method, bits):
+    """fake_quant keeps Q(h_t) in fp32: the kernel's equals the reference's and quant.states' own
+    fake quantization of the new state (up to the rare off-by-one code of a near-tie)."""
+    h0, x, dt, A, B_in, C_in, D = _inputs(2, 4, 16, 32, 2, seed=12)
+    h0 = quantize_state(h0, bits, method)               # a cache only ever holds quantized states
+    s_k, s_r = h0.clone(), h0.clone()
+    y = state_update_triton(s_k, x, dt, A, B_in, C_in, D, bits=bits, method=method, fake_quant=True)
+    yr = state_update_ref(s_r, x, dt, A, B_in, C_in, D, bits=bits, method=method, fake_quant=True)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * yr.abs().max().item())
+    _, h = mamba2_step(h0.cpu(), x.cpu(), dt.cpu(), A.cpu(), B_in.cpu(), C_in.cpu(), None if D is None else D.cpu())
+    want = quantize_state(h, bits, method)
+    torch.testing.assert_close(s_r.cpu(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    step = (want - h).abs().max().item() * 2 + 1e-12    # one code step is at most twice the worst error
+    off = (s_k - s_r).abs()
+    assert off.max().item() <= step * 1.001
+    assert int((off > 1e-6 * want.abs().max().item()).sum()) <= max(2, 2e-3 * off.numel())
+    assert not torch.equal(s_r.cpu(), h), "the state was not quantized"
+
+
+def test_model_step_uses_the_fused_kernel_and_agrees(monkeypatch):
+    """A Mamba-2 model with a state quantizer runs its recurrent step through the kernel
+    (fake-quantized fp32 cache) and gives the unfused step-then-quantize logits."""
+    from mqtool.models import MambaConfig, MambaLMHeadModel
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=96, ssm_cfg={"layer": "Mamba2", "d_state": 32, "headdim": 16})
+    model = MambaLMHeadModel(cfg).to(DEVICE).eval()
+    for m in model.mixers:
+        m.state_quantizer = StateQuantizer(4, "dsq")
+    tokens = torch.randint(0, 96, (3, 12), device=DEVICE)
+    calls = []
+    real = StateQuantizer.mamba2_step
+
+    def counting(self, *args):
+        out = real(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(StateQuantizer, "mamba2_step", counting)
+    with torch.inference_mode():
+        monkeypatch.setenv("MQTOOL_FUSED_STATE", "1")   # on CPU too (interpreted); on CUDA it is the default
+        fused = model(tokens, mode="recurrent")
+        assert calls and all(calls), "the fused kernel was not used"
+        monkeypatch.setenv("MQTOOL_FUSED_STATE", "0")
+        calls.clear()
+        unfused = model(tokens, mode="recurrent")
+        assert calls and not any(calls)
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4 * unfused.abs().max().item())
 
 
 @pytest.mark.parametrize("b,nh,p,n,g", SHAPES[1:])

@@ -9,10 +9,10 @@ restated in each file, and the tests check the references against ``mqtool.quant
 * :func:`act_quant` - per-token dynamic int8 quantization of activations.
 * :func:`int8_matmul` / :func:`w4a8_matmul` - W8A8 and W4A8 (packed int4) integer GEMMs with
   per-token activation scales and per-channel or per-group weight scales.
-* :func:`state_update` - one Mamba-2 recurrent step on a DSQ-quantized (or fp32) state cache.
+* :func:`state_update` - one Mamba-2 recurrent step on a quantized, fake-quantized or fp32 state cache.
 """
 
-from ._common import HAS_TRITON, INTERPRET
+from ._common import HAS_TRITON, INTERPRET, use_triton
 from .act_quant import act_quant, act_quant_ref
 from .int8_matmul import int8_matmul, int8_matmul_ref, unpack_int4_ref, w4a8_matmul, w4a8_matmul_ref
 from .state_update import state_update, state_update_ref
@@ -27,6 +27,8 @@ __all__ = [
     "state_update",
     "state_update_ref",
     "unpack_int4_ref",
+    "w4a8_matmul",
+    "use_triton",
     "w4a8_matmul",
     "w4a8_matmul_ref",
 ]

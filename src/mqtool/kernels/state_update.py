@@ -6,6 +6,9 @@ or None. The state is either
 
 * quantized: int8 codes ``state [B, H, P, N]`` with DSQ scales ``scale_channel fp32 [B, H, P, 1]``
   and ``scale_state fp32 [B, H, 1, N]``, dequantized as ``q * (scale_channel * scale_state)``; or
+* fake-quantized: an fp32 ``state [B, H, P, N]`` holding the dequantized values ``q * step``
+  (``fake_quant=True``, no scales kept): the same numbers as the quantized form, in the model's
+  own fp32 cache layout, which is what simulated (accuracy) evaluation runs; or
 * unquantized: an fp32 ``state [B, H, P, N]`` (no scales).
 
 The step (all fp32, as ``mqtool.models.scan.mamba2_step``)::
@@ -14,11 +17,16 @@ The step (all fp32, as ``mqtool.models.scan.mamba2_step``)::
     h      = exp(dt * A) * h_prev + (dt * x) ⊗ B          # [P, N] per (batch, head)
     y      = h · C + D * x                                # [B, H, P] fp32
 
-then ``h`` is re-quantized with DSQ (restated from ``mqtool.quant.states``; EPS = 1e-12)::
+then ``h`` is re-quantized with dynamic scales (restated from ``mqtool.quant.states``; EPS = 1e-12).
+``method="dsq"`` (default)::
 
     S_c[i]  = max(stat_j |h_ij|, EPS)          stat: sqrt(mean) (default), mean, max or sqrt(max)
     S_s[j]  = max(max_i (|h_ij| / S_c[i]), EPS) / qmax
     q[i, j] = clamp(round_half_even(h_ij / (S_c[i] * S_s[j])), -qmax, qmax)
+
+and the single-scale baselines: ``per-channel`` ``S_c[i] = max(max_j |h_ij|, EPS) / qmax, S_s = 1``;
+``per-state`` ``S_c = 1, S_s[j] = max(max_i |h_ij|, EPS) / qmax``; ``per-tensor`` ``S_c[i] =
+max(max_ij |h_ij|, EPS) / qmax`` for every ``i``, ``S_s = 1``.
 
 and the codes and both scales are written back in place (the fp32 state likewise). ``bits`` is 8
 or 4 (any 2..8 works); 4-bit codes are kept one per int8 byte for now (not packed).
@@ -41,18 +49,20 @@ import torch
 
 from ._common import HAS_TRITON, STATE_EPS, qmax_for, use_triton
 
-__all__ = ["CHANNEL_STATS", "state_update", "state_update_ref", "state_update_triton"]
+__all__ = ["CHANNEL_STATS", "METHODS", "state_update", "state_update_ref", "state_update_triton"]
 
 #: DSQ channel statistics (``mqtool.quant.states.CHANNEL_SCALES``).
 CHANNEL_STATS = ("abs.max", "abs.max.sqrt", "abs.mean", "abs.mean.sqrt")
+#: Scale layouts (``mqtool.quant.states.METHODS``); the kernel's METHOD constexpr is the index.
+METHODS = ("dsq", "per-channel", "per-state", "per-tensor")
 
 
 def _check(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
     C_in: torch.Tensor, D: torch.Tensor | None, scale_channel: torch.Tensor | None,
-    scale_state: torch.Tensor | None, channel_stat: str,
+    scale_state: torch.Tensor | None, channel_stat: str, method: str = "dsq", fake_quant: bool = False,
 ) -> bool:
-    """Validate shapes; returns whether the state is quantized."""
+    """Validate shapes; returns whether the state is int8 codes."""
     assert x.dim() == 3, f"x must be [B, H, P], got {tuple(x.shape)}"
     b, h, p = x.shape
     assert state.dim() == 4 and state.shape[:3] == (b, h, p), f"state {tuple(state.shape)} is not [{b}, {h}, {p}, N]"
@@ -64,7 +74,9 @@ def _check(
     assert h % B_in.shape[1] == 0, f"{h} heads do not split into {B_in.shape[1]} groups"
     assert D is None or tuple(D.shape) in ((h,), (h, p)), f"D {tuple(D.shape)} is not [{h}] or [{h}, {p}]"
     assert channel_stat in CHANNEL_STATS, f"channel_stat must be one of {CHANNEL_STATS}, got {channel_stat!r}"
+    assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
     quantized = state.dtype == torch.int8
+    assert not (quantized and fake_quant), "fake_quant keeps an fp32 state; int8 codes are quantized already"
     if quantized:
         assert scale_channel is not None and scale_state is not None, "int8 states need both DSQ scales"
         assert scale_channel.shape == (b, h, p, 1), f"scale_channel {tuple(scale_channel.shape)} != {(b, h, p, 1)}"
@@ -79,15 +91,27 @@ def _check(
 # ------------------------------------------------------------------------------------ reference
 
 
-def _dsq_ref(h: torch.Tensor, bits: int, channel_stat: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DSQ of an fp32 state ``[..., P, N]`` -> ``(codes int8, scale_channel [..., P, 1], scale_state [..., 1, N])``."""
+def _dsq_ref(h: torch.Tensor, bits: int, channel_stat: str,
+             method: str = "dsq") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize an fp32 state ``[..., P, N]`` -> ``(codes int8, scale_channel [..., P, 1], scale_state [..., 1, N])``
+    with ``method``'s dynamic scales."""
     qmax = qmax_for(bits)
     a = h.abs()
-    stat = a.amax(dim=-1, keepdim=True) if channel_stat.startswith("abs.max") else a.mean(dim=-1, keepdim=True)
-    if channel_stat.endswith(".sqrt"):
-        stat = stat.sqrt()
-    s_c = stat.clamp_min(STATE_EPS)
-    s_s = (a / s_c).amax(dim=-2, keepdim=True).clamp_min(STATE_EPS) / qmax
+    ones_c = h.new_ones((*h.shape[:-1], 1))
+    ones_s = h.new_ones((*h.shape[:-2], 1, h.shape[-1]))
+    if method == "per-channel":
+        s_c, s_s = a.amax(dim=-1, keepdim=True).clamp_min(STATE_EPS) / qmax, ones_s
+    elif method == "per-state":
+        s_c, s_s = ones_c, a.amax(dim=-2, keepdim=True).clamp_min(STATE_EPS) / qmax
+    elif method == "per-tensor":
+        s_c = (a.amax(dim=(-2, -1), keepdim=True).clamp_min(STATE_EPS) / qmax).expand_as(ones_c).contiguous()
+        s_s = ones_s
+    else:
+        stat = a.amax(dim=-1, keepdim=True) if channel_stat.startswith("abs.max") else a.mean(dim=-1, keepdim=True)
+        if channel_stat.endswith(".sqrt"):
+            stat = stat.sqrt()
+        s_c = stat.clamp_min(STATE_EPS)
+        s_s = (a / s_c).amax(dim=-2, keepdim=True).clamp_min(STATE_EPS) / qmax
     q = (h / (s_c * s_s)).round().clamp(-qmax, qmax).to(torch.int8)
     return q, s_c, s_s
 
@@ -96,9 +120,10 @@ def state_update_ref(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
     C_in: torch.Tensor, D: torch.Tensor | None = None, scale_channel: torch.Tensor | None = None,
     scale_state: torch.Tensor | None = None, bits: int = 8, channel_stat: str = "abs.mean.sqrt",
+    method: str = "dsq", fake_quant: bool = False,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`state_update` (same arguments; updates in place, returns y)."""
-    quantized = _check(state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, channel_stat)
+    quantized = _check(state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, channel_stat, method, fake_quant)
     rep = x.shape[1] // B_in.shape[1]
     if quantized:
         h_prev = state.float() * (scale_channel * scale_state)
@@ -113,10 +138,13 @@ def state_update_ref(
     if D is not None:
         y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
     if quantized:
-        q, s_c, s_s = _dsq_ref(h, bits, channel_stat)
+        q, s_c, s_s = _dsq_ref(h, bits, channel_stat, method)
         state.copy_(q)
         scale_channel.copy_(s_c)
         scale_state.copy_(s_s)
+    elif fake_quant:
+        q, s_c, s_s = _dsq_ref(h, bits, channel_stat, method)
+        state.copy_(q.float() * (s_c * s_s))
     else:
         state.copy_(h)
     return y
@@ -135,7 +163,8 @@ if HAS_TRITON:
         state_ptr, sc_ptr, ss_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
         H, P, N, HEADS_PER_GROUP,
         stride_xb, stride_xh, stride_dtb, stride_bb, stride_bg,
-        QUANTIZED: tl.constexpr, QMAX: tl.constexpr, STAT_MAX: tl.constexpr, STAT_SQRT: tl.constexpr,
+        QUANTIZED: tl.constexpr, FAKE: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
+        STAT_MAX: tl.constexpr, STAT_SQRT: tl.constexpr,
         HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, EPS: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -176,21 +205,36 @@ if HAS_TRITON:
             y += x * d
         tl.store(y_ptr + pid.to(tl.int64) * P + offs_p, y, mask=mask_p)
 
-        if QUANTIZED:
-            a = tl.abs(h)
-            if STAT_MAX:
-                stat = tl.max(a, axis=1)
+        if QUANTIZED or FAKE:
+            a = tl.abs(h)                                                       # 0 where masked
+            if METHOD == 0:      # dsq
+                if STAT_MAX:
+                    stat = tl.max(a, axis=1)
+                else:
+                    stat = tl.math.div_rn(tl.sum(a, axis=1), N * 1.0)
+                if STAT_SQRT:
+                    stat = tl.sqrt_rn(stat)
+                s_c = tl.maximum(stat, EPS)                                     # [P]
+                ratio = tl.math.div_rn(a, s_c[:, None])
+                s_s = tl.math.div_rn(tl.maximum(tl.max(ratio, axis=0), EPS), QMAX * 1.0)   # [N]
+            elif METHOD == 1:    # per-channel
+                s_c = tl.math.div_rn(tl.maximum(tl.max(a, axis=1), EPS), QMAX * 1.0)
+                s_s = tl.full([BLOCK_N], 1.0, tl.float32)
+            elif METHOD == 2:    # per-state
+                s_c = tl.full([BLOCK_P], 1.0, tl.float32)
+                s_s = tl.math.div_rn(tl.maximum(tl.max(a, axis=0), EPS), QMAX * 1.0)
+            else:                # per-tensor: the one scale kept in every channel's slot
+                s_t = tl.math.div_rn(tl.maximum(tl.max(tl.max(a, axis=1), axis=0), EPS), QMAX * 1.0)
+                s_c = tl.full([BLOCK_P], 1.0, tl.float32) * s_t
+                s_s = tl.full([BLOCK_N], 1.0, tl.float32)
+            step = s_c[:, None] * s_s[None, :]
+            codes = quant_codes(tl.math.div_rn(h, step), QMAX)
+            if QUANTIZED:
+                tl.store(state_ptr + tile, codes.to(tl.int8), mask=mask)
+                tl.store(sc_ptr + pid.to(tl.int64) * P + offs_p, s_c, mask=mask_p)
+                tl.store(ss_ptr + pid.to(tl.int64) * N + offs_n, s_s, mask=mask_n)
             else:
-                stat = tl.math.div_rn(tl.sum(a, axis=1), N * 1.0)
-            if STAT_SQRT:
-                stat = tl.sqrt_rn(stat)
-            s_c = tl.maximum(stat, EPS)                                        # [P]
-            ratio = tl.math.div_rn(a, s_c[:, None])                            # 0 where masked
-            s_s = tl.math.div_rn(tl.maximum(tl.max(ratio, axis=0), EPS), QMAX * 1.0)   # [N]
-            codes = quant_codes(tl.math.div_rn(h, s_c[:, None] * s_s[None, :]), QMAX)
-            tl.store(state_ptr + tile, codes.to(tl.int8), mask=mask)
-            tl.store(sc_ptr + pid.to(tl.int64) * P + offs_p, s_c, mask=mask_p)
-            tl.store(ss_ptr + pid.to(tl.int64) * N + offs_n, s_s, mask=mask_n)
+                tl.store(state_ptr + tile, codes * step, mask=mask)
         else:
             tl.store(state_ptr + tile, h, mask=mask)
 
@@ -199,7 +243,7 @@ def state_update_triton(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
     C_in: torch.Tensor, D: torch.Tensor | None = None, scale_channel: torch.Tensor | None = None,
     scale_state: torch.Tensor | None = None, bits: int = 8, channel_stat: str = "abs.mean.sqrt",
-    num_warps: int | None = None,
+    method: str = "dsq", fake_quant: bool = False, num_warps: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel (arguments as :func:`state_update`).
 
@@ -210,7 +254,7 @@ def state_update_triton(
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    quantized = _check(state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, channel_stat)
+    quantized = _check(state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, channel_stat, method, fake_quant)
     qmax = qmax_for(bits)
     b, nh, p = x.shape
     n = state.shape[3]
@@ -230,7 +274,8 @@ def state_update_triton(
         state, scale_channel, scale_state, x, dt, A, B_in, C_in, D, y,
         nh, p, n, nh // B_in.shape[1],
         x.stride(0), x.stride(1), dt.stride(0), B_in.stride(0), B_in.stride(1),
-        QUANTIZED=quantized, QMAX=qmax, STAT_MAX=channel_stat.startswith("abs.max"),
+        QUANTIZED=quantized, FAKE=fake_quant, METHOD=METHODS.index(method), QMAX=qmax,
+        STAT_MAX=channel_stat.startswith("abs.max"),
         STAT_SQRT=channel_stat.endswith(".sqrt"), HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, EPS=STATE_EPS,
         BLOCK_P=bp, BLOCK_N=bn, num_warps=num_warps,
@@ -242,12 +287,14 @@ def state_update(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
     C_in: torch.Tensor, D: torch.Tensor | None = None, scale_channel: torch.Tensor | None = None,
     scale_state: torch.Tensor | None = None, bits: int = 8, channel_stat: str = "abs.mean.sqrt",
+    method: str = "dsq", fake_quant: bool = False,
 ) -> torch.Tensor:
-    """One Mamba-2 step on a DSQ-quantized (int8 ``state`` + scales) or fp32 state cache.
+    """One Mamba-2 step on a quantized (int8 ``state`` + scales), fake-quantized or fp32 state cache.
 
     Updates ``state`` (and the scales) in place and returns ``y fp32 [B, H, P]``. The Triton
     kernel on CUDA (or on CPU under ``TRITON_INTERPRET=1``), else the reference.
     """
+    args = (state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, bits, channel_stat, method, fake_quant)
     if use_triton(x):
-        return state_update_triton(state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, bits, channel_stat)
-    return state_update_ref(state, x, dt, A, B_in, C_in, D, scale_channel, scale_state, bits, channel_stat)
+        return state_update_triton(*args)
+    return state_update_ref(*args)

@@ -108,6 +108,10 @@ class Mamba2(nn.Module):
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC = F.silu(causal_conv1d_step(conv_state, xBC.to(conv_state.dtype), self.conv1d.weight, self.conv1d.bias))
         x, delta, B, C = self._ssm_inputs(xBC.to(hidden.dtype), dt)
-        y, h = scan.mamba2_step(ssm_state, x, delta, self._A(), B, C, self._D())
-        ssm_state.copy_(self.state_quantizer(h))
+        # a state quantizer may fuse the step with itself (one kernel, same values); else step, then quantize
+        fused_step = getattr(self.state_quantizer, "mamba2_step", None)
+        y = None if fused_step is None else fused_step(ssm_state, x, delta, self._A(), B, C, self._D())
+        if y is None:
+            y, h = scan.mamba2_step(ssm_state, x, delta, self._A(), B, C, self._D())
+            ssm_state.copy_(self.state_quantizer(h))
         return self.out_proj(self.norm(y.reshape(y.shape[0], self.d_inner), z).to(hidden.dtype))

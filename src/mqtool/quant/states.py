@@ -27,6 +27,7 @@ quantize-int-then-dequantize agree bit for bit (kernels and export must use this
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -176,6 +177,29 @@ class StateQuantizer(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         # the straight-through form only when something may backpropagate: same values, fewer ops
         return quantize_state(h, self.bits, self.method, self.channel_scale, ste=torch.is_grad_enabled())
+
+    def mamba2_step(self, state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                    D: Tensor | None) -> Tensor | None:
+        """One Mamba-2 step and this quantization fused in one Triton kernel (``mqtool.kernels``)
+        on the model's fp32 cache, updated in place to ``Q(h_t)``; returns ``y [b, h, p]`` fp32.
+
+        The unfused step reads and writes the whole state about a dozen times (abs, mean, max,
+        divide, round, multiply ...); the kernel once, so a state-quantized recurrent evaluation is
+        several times faster on a GPU. ``MQTOOL_FUSED_STATE``: unset = on CUDA when Triton is
+        installed, ``0`` = never, ``1`` = wherever Triton runs (on CPU: Triton's interpreter, for tests).
+        Returns None where it does not apply (also: gradients wanted, 16 bits): the caller then runs
+        ``scan.mamba2_step`` and this module's ``forward``, which compute the same values.
+        """
+        wanted = os.environ.get("MQTOOL_FUSED_STATE", "")
+        if self.bits == 16 or torch.is_grad_enabled() or wanted == "0" or (wanted != "1" and not state.is_cuda):
+            return None
+        # imported here: importing mqtool.kernels fixes whether Triton interprets (TRITON_INTERPRET)
+        from mqtool import kernels
+
+        if not kernels.use_triton(state):
+            return None
+        return kernels.state_update(state, x, dt, A, B, C, D, bits=self.bits, channel_stat=self.channel_scale,
+                                    method=self.method, fake_quant=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON description for the checkpoint manifest."""
