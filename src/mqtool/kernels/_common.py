@@ -55,6 +55,13 @@ def qmax_for(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def true_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` as an IEEE division on every device (``mqtool.quant.quantizers.true_div``, restated):
+    PyTorch's CUDA division by a Python number multiplies by the reciprocal instead, an ulp off at
+    times, while the kernels divide with ``div_rn``."""
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run these kernels in this environment, or None.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, INTERPRET, SCALE_MIN, qmax_for, use_triton
+from ._common import HAS_TRITON, INTERPRET, SCALE_MIN, qmax_for, true_div, use_triton
 
 __all__ = ["act_quant", "act_quant_ref", "act_quant_triton"]
 
@@ -27,7 +27,7 @@ def act_quant_ref(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     """PyTorch reference: ``x [..., K]`` -> ``(q int8 [..., K], scale fp32 [..., 1])``."""
     qmax = qmax_for(bits)
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(SCALE_MIN)
+    scale = true_div(xf.abs().amax(dim=-1, keepdim=True), qmax).clamp_min(SCALE_MIN)
     q = torch.round(xf / scale).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, STATE_EPS, qmax_for, use_triton
+from ._common import HAS_TRITON, STATE_EPS, qmax_for, true_div, use_triton
 
 __all__ = ["CHANNEL_STATS", "METHODS", "state_update", "state_update_ref", "state_update_triton"]
 
@@ -100,18 +100,18 @@ def _dsq_ref(h: torch.Tensor, bits: int, channel_stat: str,
     ones_c = h.new_ones((*h.shape[:-1], 1))
     ones_s = h.new_ones((*h.shape[:-2], 1, h.shape[-1]))
     if method == "per-channel":
-        s_c, s_s = a.amax(dim=-1, keepdim=True).clamp_min(STATE_EPS) / qmax, ones_s
+        s_c, s_s = true_div(a.amax(dim=-1, keepdim=True).clamp_min(STATE_EPS), qmax), ones_s
     elif method == "per-state":
-        s_c, s_s = ones_c, a.amax(dim=-2, keepdim=True).clamp_min(STATE_EPS) / qmax
+        s_c, s_s = ones_c, true_div(a.amax(dim=-2, keepdim=True).clamp_min(STATE_EPS), qmax)
     elif method == "per-tensor":
-        s_c = (a.amax(dim=(-2, -1), keepdim=True).clamp_min(STATE_EPS) / qmax).expand_as(ones_c).contiguous()
+        s_c = true_div(a.amax(dim=(-2, -1), keepdim=True).clamp_min(STATE_EPS), qmax).expand_as(ones_c).contiguous()
         s_s = ones_s
     else:
         stat = a.amax(dim=-1, keepdim=True) if channel_stat.startswith("abs.max") else a.mean(dim=-1, keepdim=True)
         if channel_stat.endswith(".sqrt"):
             stat = stat.sqrt()
         s_c = stat.clamp_min(STATE_EPS)
-        s_s = (a / s_c).amax(dim=-2, keepdim=True).clamp_min(STATE_EPS) / qmax
+        s_s = true_div((a / s_c).amax(dim=-2, keepdim=True).clamp_min(STATE_EPS), qmax)
     q = (h / (s_c * s_s)).round().clamp(-qmax, qmax).to(torch.int8)
     return q, s_c, s_s
 

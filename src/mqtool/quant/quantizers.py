@@ -59,10 +59,18 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def true_div(x: Tensor, d: float) -> Tensor:
+    """``x / d`` as an IEEE division on every device. On CUDA, PyTorch turns a division by a Python
+    number into a multiply by its reciprocal (an ulp off at times), which would make scales, and so
+    codes, differ between CPU and GPU and from the kernels' ``div_rn``; a divisor tensor on ``x``'s
+    device keeps the true division."""
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 def scale_from_absmax(absmax: Tensor, bits: int) -> Tensor:
-    """The one scale rule: ``max(absmax / qmax, SCALE_MIN)`` in float32."""
+    """The one scale rule: ``max(absmax / qmax, SCALE_MIN)`` in float32 (true division)."""
     qmax = qmax_for(bits)
-    return (absmax.float() / qmax).clamp_min(SCALE_MIN)
+    return true_div(absmax.float(), qmax).clamp_min(SCALE_MIN)
 
 
 def static_scale_from_absmax(absmax: Tensor | float, bits: int = 8) -> Tensor:

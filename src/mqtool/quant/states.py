@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mqtool.errors import MqtoolError
+from mqtool.quant.quantizers import true_div
 
 METHODS: tuple[str, ...] = ("per-tensor", "per-channel", "per-state", "dsq")
 CHANNEL_SCALES: tuple[str, ...] = ("abs.max", "abs.max.sqrt", "abs.mean", "abs.mean.sqrt")
@@ -79,16 +80,16 @@ def _scales(h32: Tensor, bits: int, method: str, channel_scale: str) -> tuple[Te
     row_shape = (*h32.shape[:-1], 1)
     col_shape = (*h32.shape[:-2], 1, h32.shape[-1])
     if method == "per-tensor":
-        s = a.amax(dim=(-2, -1), keepdim=True).clamp_min(EPS) / qmax
+        s = true_div(a.amax(dim=(-2, -1), keepdim=True).clamp_min(EPS), qmax)
         return s.expand(row_shape).contiguous(), h32.new_ones(col_shape)
     if method == "per-channel":
-        return a.amax(dim=-1, keepdim=True).clamp_min(EPS) / qmax, h32.new_ones(col_shape)
+        return true_div(a.amax(dim=-1, keepdim=True).clamp_min(EPS), qmax), h32.new_ones(col_shape)
     if method == "per-state":
-        return h32.new_ones(row_shape), a.amax(dim=-2, keepdim=True).clamp_min(EPS) / qmax
+        return h32.new_ones(row_shape), true_div(a.amax(dim=-2, keepdim=True).clamp_min(EPS), qmax)
     # dsq
     s_channel = _channel_statistic(a, channel_scale).clamp_min(EPS)
     s_state = (a / s_channel).amax(dim=-2, keepdim=True).clamp_min(EPS)
-    return s_channel, s_state / qmax
+    return s_channel, true_div(s_state, qmax)
 
 
 def state_scales(
