@@ -324,7 +324,8 @@ def _check_stage_allowed(manifest, stage: str) -> None:
     if manifest.exported:
         raise MqtoolError(f"this checkpoint is exported (packed integers); `{stage}` needs a simulated one")
     done = manifest.stage_names()
-    if stage in ("rotate", "smooth") and ("quantize" in done or manifest.online.get("act_quant")):
+    if stage in ("rotate", "smooth") and ("quantize" in done or manifest.online.get("act_quant")
+                                          or manifest.online.get("ssm_act_quant")):
         raise MqtoolError(f"`{stage}` after `quantize` is meaningless (weights are already quantized); "
                           "rotate and smooth before quantizing")
 
@@ -481,6 +482,13 @@ def quantize(
     acts: Annotated[int | None, typer.Option(help="Without --recipe: activation bits (8), or none.")] = None,
     act_mode: Annotated[str, typer.Option(help="per_token (dynamic) or per_tensor (static, needs --calib).")]
     = "per_token",
+    ssm_acts: Annotated[int | None, typer.Option(help="Without --recipe: bits of the quantizers at the SSM's inputs "
+                                                 "x, B, C (8 = int8, as MambaQuant), or none.")] = None,
+    ssm_act_mode: Annotated[str, typer.Option(help="For --ssm-acts: per_token (dynamic) or per_tensor (static, "
+                                              "needs --calib).")] = "per_token",
+    ssm_targets: Annotated[str | None, typer.Option(help="For --ssm-acts: comma-separated SSM inputs (default "
+                                                    "ssm_x,ssm_B,ssm_C; adding ssm_dt quantizes the step size Δ, "
+                                                    "which usually hurts).")] = None,
     calib: CalibOpt = None,
     samples: Annotated[int | None, typer.Option(help="Override the recipe's calibration samples.")] = None,
     seqlen: Annotated[int | None, typer.Option(help="Override the recipe's calibration seqlen.")] = None,
@@ -490,15 +498,19 @@ def quantize(
     data_dir: DataDirOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Run a whole recipe, or quantize linear weights/activations with the given flags."""
+    """Run a whole recipe, or quantize linear weights/activations and the SSM's inputs with the given flags."""
     if recipe is None:
-        if weights is None and acts is None:
-            raise MqtoolError("give --recipe NAME, or --weights BITS and/or --acts BITS")
+        if weights is None and acts is None and ssm_acts is None:
+            raise MqtoolError("give --recipe NAME, or --weights BITS, --acts BITS and/or --ssm-acts BITS")
         params: dict = {}
         if weights is not None:
             params["weights"] = {"bits": weights, "method": weight_method, "group_size": group_size}
         if acts is not None:
             params["activations"] = {"bits": acts, "mode": act_mode}
+        if ssm_acts is not None:
+            params["ssm_activations"] = {"bits": ssm_acts, "mode": ssm_act_mode}
+            if ssm_targets is not None:
+                params["ssm_activations"]["targets"] = _split(ssm_targets)
         _stage_command(model, output, "quantize", params, calib, force, dtype, device)
         return
     from mqtool.checkpoint import check_output_dir, model_state_dict, record_stage, save_checkpoint

@@ -10,6 +10,7 @@ A recipe file (YAML or TOML) reads like llm-compressor's:
       - rotate: {method: klt}
       - smooth: {method: smooth-fused, alpha: 0.5}
       - quantize: {weights: {bits: 4, method: gptq}, activations: {bits: 8, mode: per_token}}
+      # optional in quantize: ssm_activations: {bits: 8, mode: per_token, targets: [ssm_x, ssm_B, ssm_C]}
 
 Stages that need statistics get a calibration of the model *as it is at that point* (recomputed
 after every transform that changes activations), from the recipe's calibration data.
@@ -39,7 +40,12 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 def _needs_calib_quantize(p: dict) -> bool:
-    return (p.get("weights") or {}).get("method") == "gptq" or (p.get("activations") or {}).get("mode") == "per_tensor"
+    def get(key: str, setting: str):  # a malformed setting is apply_quantize's to refuse
+        v = p.get(key)
+        return v.get(setting) if isinstance(v, dict) else None
+
+    return (get("weights", "method") == "gptq" or get("activations", "mode") == "per_tensor"
+            or get("ssm_activations", "mode") == "per_tensor")
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,9 @@ STAGES: dict[str, StageDef] = {
                        help="fold norms, rotate the residual stream offline (hadamard | klt), online Hadamard"),
     "smooth": StageDef(apply_smooth, ("method", "alpha", "targets"), lambda p: True,
                        help="SmoothQuant or MambaQuant's smooth-fused scales, folded into weights"),
-    "quantize": StageDef(apply_quantize, ("weights", "activations", "targets", "ignore"), _needs_calib_quantize,
-                         help="fake-quantize linear weights (rtn | gptq) and attach activation quantizers"),
+    "quantize": StageDef(apply_quantize, ("weights", "activations", "targets", "ignore", "ssm_activations"),
+                         _needs_calib_quantize, help="fake-quantize linear weights (rtn | gptq) and attach activation "
+                         "quantizers (linear inputs; SSM inputs x, B, C with ssm_activations)"),
     "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale"), lambda p: False,
                                 help="quantize the recurrent state cache (dsq | per-channel | per-state | per-tensor)"),
     "reconstruct": StageDef(apply_reconstruct, ("epochs", "lr", "train", "batch_size", "seed"), lambda p: False,

@@ -17,6 +17,13 @@ model before this stage (inputs from the unquantized model, not re-collected lay
 Activations: an :class:`~mqtool.quant.quantizers.ActQuantizer` at each target's input
 (``online["act_quant"]``), dynamic per token or static per tensor with the scale
 ``max|x| / qmax`` from the calibration abs-max of that input.
+
+SSM inputs: the same quantizers at the mixers' attachment points ``ssm_x``, ``ssm_B``, ``ssm_C``
+(and ``ssm_dt``, Δ after softplus, only when asked: quantizing the step size ahead of ``exp(Δ A)``
+is harmful) (``online["ssm_act_quant"]``). Per token means one scale per token over the tap's
+channels (x: d_inner, before Mamba-2's head reshape; B, C: d_state, or ngroups * d_state for
+Mamba-2; Δ: d_inner, or nheads); per tensor takes ``max|x| / qmax`` from the calibration abs-max
+recorded at the tap (``backbone.layers.<i>.mixer.<tap>.absmax``).
 """
 
 from __future__ import annotations
@@ -39,12 +46,16 @@ from mqtool.quant.quantizers import (
     static_scale_from_absmax,
 )
 
-__all__ = ["ACT_DEFAULTS", "DEFAULT_TARGETS", "WEIGHT_DEFAULTS", "apply_quantize", "weight_codes"]
+__all__ = ["ACT_DEFAULTS", "DEFAULT_SSM_TARGETS", "DEFAULT_TARGETS", "SSM_ACT_DEFAULTS", "WEIGHT_DEFAULTS",
+           "apply_quantize", "weight_codes"]
 
 DEFAULT_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 WEIGHT_DEFAULTS: dict[str, Any] = {"bits": 8, "method": "rtn", "group_size": None, "damp": 0.01,
                                    "act_order": False, "block_size": 128}
 ACT_DEFAULTS: dict[str, Any] = {"bits": 8, "mode": "per_token"}
+# Δ (ssm_dt) stays in FP unless asked for: an error in the step size is amplified by exp(Δ A)
+DEFAULT_SSM_TARGETS = ("ssm_x", "ssm_B", "ssm_C")
+SSM_ACT_DEFAULTS: dict[str, Any] = {"bits": 8, "mode": "per_token", "targets": list(DEFAULT_SSM_TARGETS)}
 WEIGHT_METHODS = ("rtn", "gptq")
 ACT_MODES = ("per_token", "per_tensor")
 
@@ -78,6 +89,25 @@ def _check_act_spec(a: dict[str, Any]) -> None:
     qmax_for(a["bits"])
     if a["mode"] not in ACT_MODES:
         raise MqtoolError(f"unknown activation quantization mode {a['mode']!r}; use one of {ACT_MODES}")
+
+
+def _check_ssm_act_spec(a: dict[str, Any]) -> None:
+    _check_act_spec(a)
+    taps = a["targets"]
+    if not isinstance(taps, (list, tuple)) or not taps or not all(isinstance(t, str) for t in taps):
+        raise MqtoolError(f"SSM activation targets must be a non-empty list of names, got {taps!r}")
+    unknown = sorted(set(taps) - set(attach.SSM_TARGETS))
+    if unknown:
+        raise MqtoolError(f"unknown SSM activation targets {unknown}; known: {', '.join(attach.SSM_TARGETS)}")
+
+
+def _tap_width(mixer: nn.Module, tap: str) -> int:
+    """Channels of an SSM attachment point's input (what a per-token scale spans)."""
+    if tap in ("ssm_B", "ssm_C"):
+        return getattr(mixer, "ngroups", 1) * mixer.d_state
+    if tap == "ssm_dt" and hasattr(mixer, "nheads"):  # Mamba-2: one Δ per head
+        return mixer.nheads
+    return mixer.d_inner
 
 
 def weight_codes(w: Tensor, spec: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -144,35 +174,47 @@ def _untie(model: MambaLMHeadModel) -> bool:
 def apply_quantize(model: MambaLMHeadModel, online: dict, calib: Calibration | None,
                    weights: dict | None = None, activations: dict | None = None,
                    targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
-                   ignore: list[str] | tuple[str, ...] | None = ("lm_head",)) -> dict:
+                   ignore: list[str] | tuple[str, ...] | None = ("lm_head",),
+                   ssm_activations: dict | None = None) -> dict:
     """Quantize the weights of the target linears (kinds; `ignore` kinds excluded, lm_head by
-    default) and/or attach activation quantizers at their inputs.
+    default) and/or attach activation quantizers at their inputs and/or at the SSM's inputs.
 
     `weights`: ``{"bits": 8|4, "method": "rtn"|"gptq", "group_size": None|int, "damp": 0.01,
     "act_order": False, "block_size": 128}`` (omitted keys take these defaults); a group_size that
     does not divide a linear's input width falls back to per channel for that linear (recorded).
     `activations`: ``{"bits": 8, "mode": "per_token"|"per_tensor"}``.
+    `ssm_activations`: ``{"bits": 8, "mode": "per_token"|"per_tensor", "targets": ["ssm_x", "ssm_B",
+    "ssm_C"]}`` (targets from ssm_x, ssm_B, ssm_C, ssm_dt), quantizers at the SSM's inputs of
+    every mixer; `targets`/`ignore` do not apply to them.
     `calib` (statistics of the model before this stage) is needed by GPTQ and per-tensor scales.
 
     Returns the record: ``tensors`` maps ``<linear>.weight`` to its spec ``{"bits", "group_size",
-    "method"}``; ``activations`` the attached quantizers (and their static scales)."""
-    if weights is None and activations is None:
-        raise MqtoolError("nothing to quantize: give weight and/or activation settings")
+    "method"}``; ``activations`` and ``ssm_activations`` the attached quantizers (and their static
+    scales, by linear or by ``<mixer>.<tap>``)."""
+    if weights is None and activations is None and ssm_activations is None:
+        raise MqtoolError("nothing to quantize: give weight, activation and/or SSM activation settings")
     wspec = _spec(weights, WEIGHT_DEFAULTS, "weight") if weights is not None else None
     aspec = _spec(activations, ACT_DEFAULTS, "activation") if activations is not None else None
+    sspec = _spec(ssm_activations, SSM_ACT_DEFAULTS, "SSM activation") if ssm_activations is not None else None
     if wspec is not None:
         _check_weight_spec(wspec)
     if aspec is not None:
         _check_act_spec(aspec)
         if "act_quant" in online:
             raise MqtoolError("the checkpoint already quantizes linear activations (online act_quant)")
+    if sspec is not None:
+        _check_ssm_act_spec(sspec)
+        if "ssm_act_quant" in online:
+            raise MqtoolError("the checkpoint already quantizes the SSM's inputs (online ssm_act_quant)")
     kinds = _resolve_targets(targets, ignore)
     found = attach.linears(model, kinds)
-    if not found:
+    if not found and (wspec is not None or aspec is not None):
         raise MqtoolError(f"no linear layers of kinds {kinds} in this model")
+    taps = [t for t in attach.SSM_TARGETS if t in sspec["targets"]] if sspec is not None else []
     gptq = wspec is not None and wspec["method"] == "gptq"
     static = aspec is not None and aspec["mode"] == "per_tensor"
-    needs_calib = gptq or static
+    ssm_static = sspec is not None and sspec["mode"] == "per_tensor"
+    needs_calib = gptq or static or ssm_static
     if needs_calib and calib is None:
         raise MqtoolError("GPTQ and per-tensor activation scales need calibration statistics "
                           "(`mqtool calibrate`, then --calib)")
@@ -184,6 +226,12 @@ def apply_quantize(model: MambaLMHeadModel, online: dict, calib: Calibration | N
             if static:
                 if calib.get(name, "absmax").numel() != lin.in_features:
                     raise MqtoolError(f"calibration for {name} does not match the model's input width")
+    if ssm_static:
+        for i, mixer in enumerate(model.mixers):
+            for tap in taps:
+                name = f"backbone.layers.{i}.mixer.{tap}"
+                if calib.get(name, "absmax").numel() != _tap_width(mixer, tap):
+                    raise MqtoolError(f"calibration for {name} does not match the model's width there")
 
     record: dict[str, Any] = {"targets": kinds, "ignore": list(ignore or ()), "untied": False}
     if wspec is not None:
@@ -226,4 +274,17 @@ def apply_quantize(model: MambaLMHeadModel, online: dict, calib: Calibration | N
                 scales[name] = float(scale)
         online["act_quant"] = spec
         record["activations"] = {**spec, **({"scales": scales} if scales else {})}
+    if sspec is not None:
+        spec = {"targets": taps, "bits": sspec["bits"], "mode": sspec["mode"]}
+        attach.apply_online(model, {"ssm_act_quant": spec})
+        ssm_scales: dict[str, float] = {}
+        if ssm_static:
+            for i, mixer in enumerate(model.mixers):
+                for tap in taps:
+                    name = f"backbone.layers.{i}.mixer.{tap}"
+                    scale = static_scale_from_absmax(calib.get(name, "absmax").max(), sspec["bits"])
+                    getattr(mixer, tap).set_scale(scale)
+                    ssm_scales[name] = float(scale)
+        online["ssm_act_quant"] = spec
+        record["ssm_activations"] = {**spec, **({"scales": ssm_scales} if ssm_scales else {})}
     return record
