@@ -163,8 +163,10 @@ def quantize_per_token(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
 
 
 def fake_quantize_per_token(x: Tensor, bits: int = 8, ste: bool = False) -> Tensor:
-    """Per-token fake quantization in x's dtype; the scale follows the data (dynamic)."""
-    scale = _token_scale(x, bits)
+    """Per-token fake quantization in x's dtype; the scale follows the data (dynamic). With ``ste``
+    the backward is the identity: the scale is a constant there (a gradient through the row's
+    max would reach one element per token and mean nothing)."""
+    scale = _token_scale(x.detach() if ste else x, bits)
     return (_codes(x.float(), scale, qmax_for(bits), ste) * scale).to(x.dtype)
 
 

@@ -22,6 +22,9 @@ Design decisions:
 * The FP hidden states are propagated block by block (the next block's FP input is this block's
   FP output, computed before this block is trained), so memory holds one block's inputs and
   targets for all windows (on the CPU; batches move to the model's device).
+* Activation quantizers of the block run straight-through while it trains (the forward value is
+  unchanged): rounding has no gradient, and without this the rows ahead of a quantized linear input
+  (all of them, for out_proj's) would learn from the scales' gradient alone.
 * Row-wise training: a parameter whose rows are only partly trainable (Mamba-2's in_proj,
   Mamba-1's x_proj) gets a gradient mask; with AdamW(weight_decay=0) a zero gradient means a zero
   update, so rows outside ``train`` stay bit-identical.
@@ -239,6 +242,22 @@ def _unquantized(module: nn.Module) -> Iterator[None]:
             setattr(parent, attr, sub)
 
 
+@contextmanager
+def _straight_through(module: nn.Module) -> Iterator[None]:
+    """Temporarily put every activation quantizer under ``module`` in straight-through mode: a
+    plain round has a zero gradient, so a quantizer between the trained rows and the loss (e.g. at
+    out_proj's input) would otherwise pass back only its scale's gradient, which is noise."""
+    quantizers = [m for m in module.modules() if isinstance(m, ActQuantizer)]
+    flags = [q.ste for q in quantizers]
+    for q in quantizers:
+        q.ste = True
+    try:
+        yield
+    finally:
+        for q, flag in zip(quantizers, flags, strict=True):
+            q.ste = flag
+
+
 def _batches(n: int, batch_size: int, order: Tensor | None = None) -> Iterator[Tensor]:
     order = torch.arange(n) if order is None else order
     for s in range(0, n, batch_size):
@@ -287,7 +306,7 @@ def _train_block(model: MambaLMHeadModel, block: Block, params: Rows,
                 m = mask.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
                 hooks.append(p.register_hook(lambda g, m=m: g * m))
         opt = torch.optim.AdamW([p for p, _ in params.values()], lr=lr, weight_decay=0.0)
-        with torch.enable_grad():
+        with torch.enable_grad(), _straight_through(block):
             for _ in range(epochs):
                 order = torch.randperm(hidden.shape[0], generator=generator)
                 for idx in _batches(hidden.shape[0], batch_size, order):
