@@ -247,3 +247,59 @@ def test_errors_change_nothing():
     assert isinstance(model.mixers[0].out_proj.input_transform, torch.nn.Identity)
     assert not isinstance(model.mixers[0].gate_act, SSiLU)
     assert not isinstance(model.mixers[0].x_proj.input_transform, OnlineHadamard)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "hadamard"])
+def test_ssm_input_smoothing(tmp_path, family, hadamard):
+    """The 'ssm' target divides the scan's input x by s (conv weights + S-SiLU), the scan carries
+    1/s to its output, which is multiplied back: logits unchanged in both modes, the SSM input's
+    outlier channels flattened, and a reloaded checkpoint computes the same."""
+    model = make(family)
+    with torch.no_grad():
+        for mixer in model.mixers:  # outlier channels at the SSM's input x
+            mixer.conv1d.weight[1:3] *= 8.0
+            mixer.conv1d.bias[1:3] += 2.0
+    ids = windows(2, 11, seed=7)
+    ref = {m: logits(model, ids, m) for m in ("parallel", "recurrent")}
+    online: dict = {}
+    if hadamard:
+        online = add_online_hadamard(model, ["out_proj", "x_proj"] if family == "mamba1" else ["out_proj"])
+    data = windows()
+    calib = calibrate(model, data, {}, state_samples=0)
+    rec = apply_smooth(model, online, calib, method="smooth-fused", alpha=0.5, targets=ALL + ["ssm"])
+    json.dumps(rec)
+    assert "ssm_smooth" in online and rec["targets"]["ssm"]["via"] == "ssm_smooth"
+    assert all(isinstance(m.conv_act, SSiLU) for m in model.mixers)
+    for mode, r in ref.items():
+        err = rel(logits(model, ids, mode), r)
+        assert err < 1e-3, f"{mode}: relative error {err:.2e}"
+    after = calibrate(model, data, {}, state_samples=0)
+    for i, (before_r, after_r) in enumerate(rec["targets"]["ssm"]["outlier_ratio"]):
+        seen = ratio(after.get(f"backbone.layers.{i}.mixer.ssm_x", "absmax"))
+        assert before_r == pytest.approx(ratio(calib.get(f"backbone.layers.{i}.mixer.ssm_x", "absmax")), rel=1e-3)
+        assert seen == pytest.approx(after_r, rel=1e-3)
+        assert after_r < 0.5 * before_r, f"layer {i}: outlier ratio {before_r:.2f} -> {after_r:.2f}"
+    before = {m: logits(model, ids, m) for m in ("parallel", "recurrent")}
+    loaded, ckpt = load_model(save_checkpoint(tmp_path / "s", model.config, model_state_dict(model),
+                                              Manifest(online=online)))
+    assert ckpt.manifest.online["ssm_smooth"] == {}
+    for mode, r in before.items():
+        assert torch.equal(logits(loaded, ids, mode), r), mode
+
+
+def test_ssm_target_refusals_change_nothing():
+    model = make("mamba2")
+    calib = calibrate(model, windows(), {}, state_samples=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MqtoolError, match="smooth-fused only"):
+        apply_smooth(model, {}, calib, method="smoothquant", targets=["in_proj", "ssm"])
+    with pytest.raises(MqtoolError, match="already smoothed"):
+        apply_smooth(model, {"ssm_smooth": {}}, calib, method="smooth-fused", targets=["ssm"])
+    bad = calibrate(model, windows(), {}, state_samples=0)
+    bad.stats["backbone.layers.1.mixer.ssm_x.absmax"] = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(MqtoolError, match="SSM input"):
+        apply_smooth(model, {}, bad, method="smooth-fused", targets=["in_proj", "ssm"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not isinstance(model.mixers[0].conv_act, SSiLU)

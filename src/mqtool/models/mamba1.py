@@ -1,8 +1,9 @@
 """The Mamba-1 mixer (mamba-ssm's `Mamba`), with mamba-ssm's parameter names.
 
-Attachment points: the input of in_proj, x_proj, dt_proj, out_proj (`Linear.input_*`); the SSM's
-inputs `ssm_x`, `ssm_dt` (Δ after softplus), `ssm_B`, `ssm_C`; the gate activation `gate_act`
-(SiLU); `state_quantizer`, applied to the state stored between recurrent steps.
+Attachment points: the input of in_proj, x_proj, dt_proj, out_proj (`Linear.input_*`); the conv's
+activation `conv_act` (SiLU); the SSM's inputs `ssm_x`, `ssm_dt` (Δ after softplus), `ssm_B`, `ssm_C`
+and its output `ssm_y` (before the gate); the gate activation `gate_act` (SiLU); `state_quantizer`,
+applied to the state stored between recurrent steps.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Mamba(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
         self.ssm_x, self.ssm_dt, self.ssm_B, self.ssm_C = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
+        self.conv_act: nn.Module = nn.SiLU()
+        self.ssm_y: nn.Module = nn.Identity()
         self.gate_act: nn.Module = nn.SiLU()
         self.state_quantizer: nn.Module = nn.Identity()
 
@@ -60,7 +63,7 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden)
         x, z = xz.chunk(2, dim=-1)
         x_in = x
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
+        x = self.conv_act(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
         u, delta, B, C = self._ssm_inputs(x)
         A = self._A()
         states = None
@@ -73,7 +76,7 @@ class Mamba(nn.Module):
         if cache is not None:
             cache[0].copy_(conv_state_from_input(x_in, self.d_conv))
             cache[1].copy_(self.state_quantizer(h_last))
-        y = (y * self.gate_act(z.float())).to(hidden.dtype)
+        y = (self.ssm_y(y) * self.gate_act(z.float())).to(hidden.dtype)
         out = self.out_proj(y)
         return (out, states) if return_states else out
 
@@ -90,9 +93,9 @@ class Mamba(nn.Module):
         goes through `state_quantizer` (quantized when stored, dequantized when read)."""
         conv_state, ssm_state = cache
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x = F.silu(causal_conv1d_step(conv_state, x.to(conv_state.dtype), self.conv1d.weight, self.conv1d.bias))
+        x = self.conv_act(causal_conv1d_step(conv_state, x.to(conv_state.dtype), self.conv1d.weight, self.conv1d.bias))
         u, delta, B, C = self._ssm_inputs(x.to(hidden.dtype))
         y, h = scan.mamba1_step(ssm_state, u, delta, self._A(), B, C, self.D)
         ssm_state.copy_(self.state_quantizer(h))
-        y = (y * self.gate_act(z.float())).to(hidden.dtype)
+        y = (self.ssm_y(y) * self.gate_act(z.float())).to(hidden.dtype)
         return self.out_proj(y)

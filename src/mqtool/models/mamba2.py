@@ -2,8 +2,9 @@
 
 in_proj produces [z, xBC, dt]; a causal depthwise conv + SiLU runs over xBC; the SSD scan over
 heads; then the gated RMSNorm (per group) and out_proj. Attachment points as in Mamba-1: every
-`Linear`'s input, `ssm_x`, `ssm_dt` (Δ after softplus and dt_limit), `ssm_B`, `ssm_C`,
-`norm.gate_act` (the gate's SiLU) and `state_quantizer`.
+`Linear`'s input, `conv_act` (SiLU over the xBC channels), `ssm_x`, `ssm_dt` (Δ after softplus and
+dt_limit), `ssm_B`, `ssm_C`, `ssm_y` (the SSM's output before the gated norm), `norm.gate_act` (the
+gate's SiLU) and `state_quantizer`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // ngroups, eps=norm_eps)
         self.out_proj = Linear(self.d_inner, d_model, bias=bias)
         self.ssm_x, self.ssm_dt, self.ssm_B, self.ssm_C = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
+        self.conv_act: nn.Module = nn.SiLU()
+        self.ssm_y: nn.Module = nn.Identity()
         self.state_quantizer: nn.Module = nn.Identity()
 
     def _A(self) -> torch.Tensor:
@@ -78,7 +81,7 @@ class Mamba2(nn.Module):
         b, l, _ = hidden.shape
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC_in = xBC
-        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))
+        xBC = self.conv_act(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))
         x, delta, B, C = self._ssm_inputs(xBC, dt)
         A, D = self._A(), self._D()
         states = None
@@ -92,7 +95,7 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache[0].copy_(conv_state_from_input(xBC_in, self.d_conv))
             cache[1].copy_(self.state_quantizer(h_last))
-        y = self.norm(y.reshape(b, l, self.d_inner), z).to(hidden.dtype)
+        y = self.norm(self.ssm_y(y.reshape(b, l, self.d_inner)), z).to(hidden.dtype)
         out = self.out_proj(y)
         return (out, states) if return_states else out
 
@@ -106,7 +109,8 @@ class Mamba2(nn.Module):
         """One token: hidden [b, d_model] -> [b, d_model]; updates cache in place."""
         conv_state, ssm_state = cache
         z, xBC, dt = self._split(self.in_proj(hidden))
-        xBC = F.silu(causal_conv1d_step(conv_state, xBC.to(conv_state.dtype), self.conv1d.weight, self.conv1d.bias))
+        xBC = self.conv_act(causal_conv1d_step(conv_state, xBC.to(conv_state.dtype), self.conv1d.weight,
+                                               self.conv1d.bias))
         x, delta, B, C = self._ssm_inputs(xBC.to(hidden.dtype), dt)
         # a state quantizer may fuse the step with itself (one kernel, same values); else step, then quantize
         fused_step = getattr(self.state_quantizer, "mamba2_step", None)
@@ -114,4 +118,4 @@ class Mamba2(nn.Module):
         if y is None:
             y, h = scan.mamba2_step(ssm_state, x, delta, self._A(), B, C, self._D())
             ssm_state.copy_(self.state_quantizer(h))
-        return self.out_proj(self.norm(y.reshape(y.shape[0], self.d_inner), z).to(hidden.dtype))
+        return self.out_proj(self.norm(self.ssm_y(y.reshape(y.shape[0], self.d_inner)), z).to(hidden.dtype))

@@ -14,6 +14,9 @@ reloaded model computes exactly what the stage's model computed.
                      (per-tensor scales are buffers `<linear>.input_quantizer.scale`)
   "ssm_act_quant":   {"targets": ["ssm_x", "ssm_B", "ssm_C", "ssm_dt"], "bits": 8, "mode": ...}
   "s_silu":          {} the gate's SiLU becomes x * sigmoid(s * x) (buffer `...gate_act.s`)
+  "ssm_smooth":      {} the conv's SiLU becomes S-SiLU (buffer `<mixer>.conv_act.s`) and the SSM's
+                     output is multiplied back by the same scale (buffer `<mixer>.ssm_y.s`):
+                     smoothing of the SSM's input x (see quant/smooth.py)
   "state_quantizer": {"bits": 4, "method": "dsq", "channel_scale": "abs.mean.sqrt"}
 """
 
@@ -69,6 +72,17 @@ class SSiLU(nn.Module):
         return x * torch.sigmoid(self.s.to(x.dtype) * x)
 
 
+class ChannelScale(nn.Module):
+    """y -> y * s per channel (last dim): undoes a smoothing scale the SSM's input was divided by."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("s", torch.ones(n))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.s.to(y.dtype)
+
+
 def linears(model: MambaLMHeadModel, targets: list[str] | tuple[str, ...]) -> dict[str, Linear]:
     """name -> Linear for the target kinds (in_proj, x_proj, dt_proj, out_proj, lm_head)."""
     unknown = set(targets) - set(LINEAR_TARGETS)
@@ -88,7 +102,8 @@ def gate_modules(model: MambaLMHeadModel) -> list[tuple[nn.Module, str]]:
 
 def apply_online(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHeadModel:
     """Attach every online module the manifest names (idempotent on a fresh model)."""
-    unknown = set(online) - {"hadamard", "smooth_scale", "act_quant", "ssm_act_quant", "s_silu", "state_quantizer"}
+    unknown = set(online) - {"hadamard", "smooth_scale", "act_quant", "ssm_act_quant", "s_silu", "ssm_smooth",
+                             "state_quantizer"}
     if unknown:
         raise MqtoolError(f"manifest has unknown online transforms {sorted(unknown)}: made by a newer mqtool?")
     device = model.backbone.embedding.weight.device
@@ -114,6 +129,10 @@ def apply_online(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHead
     if "s_silu" in online:
         for (owner, attr), mixer in zip(gate_modules(model), model.mixers, strict=True):
             setattr(owner, attr, SSiLU(mixer.d_inner).to(device))
+    if "ssm_smooth" in online:
+        for mixer in model.mixers:
+            mixer.conv_act = SSiLU(mixer.conv1d.out_channels).to(device)
+            mixer.ssm_y = ChannelScale(mixer.d_inner).to(device)
     if "state_quantizer" in online:
         for mixer in model.mixers:
             mixer.state_quantizer = StateQuantizer.from_dict(online["state_quantizer"])

@@ -101,21 +101,21 @@ def _state_quantizer(mixer: nn.Module) -> StateQuantizer:
 
 def _qat_mamba1(mixer: Mamba, hidden: Tensor, quantizer: StateQuantizer) -> Tensor:
     x, z = mixer.in_proj(hidden).chunk(2, dim=-1)
-    x = F.silu(causal_conv1d(x, mixer.conv1d.weight, mixer.conv1d.bias))
+    x = mixer.conv_act(causal_conv1d(x, mixer.conv1d.weight, mixer.conv1d.bias))
     u, delta, B, C = mixer._ssm_inputs(x)
     uf, df = u.float(), delta.float()
     dA = torch.exp(df.unsqueeze(-1) * mixer._A())                               # [b, l, d, n]
     dBx = (df * uf).unsqueeze(-1) * B.float().unsqueeze(-2)                      # [b, l, d, n]
     h_q = quantize_one_step(_linear_recurrence(dA, dBx), dA, dBx, quantizer)
     y = (h_q @ C.float().unsqueeze(-1)).squeeze(-1) + uf * mixer.D.float()       # [b, l, d]
-    y = (y * mixer.gate_act(z.float())).to(hidden.dtype)
+    y = (mixer.ssm_y(y) * mixer.gate_act(z.float())).to(hidden.dtype)
     return mixer.out_proj(y)
 
 
 def _qat_mamba2(mixer: Mamba2, hidden: Tensor, quantizer: StateQuantizer) -> Tensor:
     b, l, _ = hidden.shape
     z, xBC, dt = mixer._split(mixer.in_proj(hidden))
-    xBC = F.silu(causal_conv1d(xBC, mixer.conv1d.weight, mixer.conv1d.bias))
+    xBC = mixer.conv_act(causal_conv1d(xBC, mixer.conv1d.weight, mixer.conv1d.bias))
     x, delta, B, C = mixer._ssm_inputs(xBC, dt)
     A, D = mixer._A(), mixer._D()
     _, _, states = scan.mamba2_ssd(x, delta, A, B, C, None, mixer.chunk_size, return_states=True)
@@ -128,7 +128,7 @@ def _qat_mamba2(mixer: Mamba2, hidden: Tensor, quantizer: StateQuantizer) -> Ten
     h_q = quantize_one_step(states, dA, dBx, quantizer)
     y = (h_q @ Ch.unsqueeze(-1)).squeeze(-1)                                     # [b, l, h, p]
     y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
-    y = mixer.norm(y.reshape(b, l, mixer.d_inner), z).to(hidden.dtype)
+    y = mixer.norm(mixer.ssm_y(y.reshape(b, l, mixer.d_inner)), z).to(hidden.dtype)
     return mixer.out_proj(y)
 
 

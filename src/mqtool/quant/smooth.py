@@ -34,8 +34,17 @@ the un-rotated input), so the smoothed weight is ``(W diag(s)) H = W_stored H^T 
 s is computed from the statistics observed *before* the transform (``<linear>.pre.absmax``) and
 from ``W = W_stored H^T`` (divided by an existing ``smooth`` buffer, which the input meets first).
 
-Not implemented: MambaQuant's smoothing of the SSM matmul (absorbing s through the parallel scan
-with ``addcmul(-ln s, Δ, A)``); the SSM's inputs are left as they are.
+The SSM's input (target ``ssm``, smooth-fused only): the scan's input x (per d_inner channel, what
+the ``ssm_x`` quantizer sees) is divided by ``s = max|x|^alpha`` (SmoothQuant's formula with no weight
+on the other side). The scan is linear in x per channel (``h_t = exp(Δ A) h_{t-1} + Δ B x_t``, ``y = C
+h + D x``), so a scan fed ``x / s`` yields exactly ``y / s``: s goes *through* the scan, which is
+MambaQuant's point in absorbing it there. ``x / s`` costs nothing: x is ``SiLU(conv(...))``, so the
+conv's x-channel weights and bias are divided by s and its SiLU becomes S-SiLU with s, ``(c/s)
+sigmoid(s c/s) = SiLU(c)/s``; Mamba-1's x_proj, which reads x too, takes s into its columns. The
+output ``y / s`` is multiplied back by s before the gate (Mamba-1) or the gated norm (Mamba-2, whose
+RMS over channels no weight after it could undo): one multiply per channel, ``online["ssm_smooth"]``.
+MambaQuant writes the absorption as ``addcmul(-ln s, Δ, A)`` inside the scan kernel; the conv's
+S-SiLU gives the same ``x / s`` with the scan left as it is.
 """
 
 from __future__ import annotations
@@ -52,10 +61,11 @@ from mqtool.models import MambaLMHeadModel
 from mqtool.quant import attach
 from mqtool.quant.hadamard import hadamard_matrix
 
-__all__ = ["DEFAULT_TARGETS", "METHODS", "apply_smooth", "smoothing_scale"]
+__all__ = ["DEFAULT_TARGETS", "METHODS", "SSM_TARGET", "apply_smooth", "smoothing_scale"]
 
 METHODS = ("smoothquant", "smooth-fused")
 DEFAULT_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+SSM_TARGET = "ssm"  # the SSM's input x (not a linear): smooth-fused only
 # out_proj before in_proj (S-SiLU rescales in_proj's gate rows, in_proj's own s then sees them);
 # dt_proj before x_proj (the same for x_proj's dt rows).
 _ORDER = ("out_proj", "dt_proj", "in_proj", "x_proj", "lm_head")
@@ -169,7 +179,8 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
                  targets: list[str] | tuple[str, ...] | None = None) -> dict:
     """Smooth the inputs of the target linears (kinds: in_proj, x_proj, dt_proj, out_proj, lm_head;
     default all but lm_head) with SmoothQuant scales of strength `alpha`, folding each scale where
-    the module doc's table says. The model computes the same function afterwards (up to rounding).
+    the module doc's table says; target ``ssm`` (smooth-fused only) smooths the SSM's input x.
+    The model computes the same function afterwards (up to rounding).
 
     `calib` holds the statistics of the model as it is now (required). Updates `online` with
     ``"s_silu"`` / ``"smooth_scale"`` when those carry scales, and returns the record: per target
@@ -188,7 +199,16 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
     if present:
         raise MqtoolError(f"the checkpoint already quantizes activations ({present}): smooth must run before "
                           "activation quantization")
-    found = attach.linears(model, kinds)  # raises on unknown kinds
+    smooth_ssm = SSM_TARGET in kinds
+    kinds = [k for k in kinds if k != SSM_TARGET]
+    if smooth_ssm:
+        if method != "smooth-fused":
+            raise MqtoolError("the SSM input ('ssm' target) is smoothed by smooth-fused only (its scale goes "
+                              "through the scan into an S-SiLU and back at the SSM's output)")
+        if "ssm_smooth" in online:
+            raise MqtoolError("the SSM's input is already smoothed (online ssm_smooth)")
+        ssm_acts = _ssm_input_absmax(model, calib)  # validate before changing anything
+    found = attach.linears(model, kinds) if kinds else {}  # raises on unknown kinds
     for name, lin in found.items():
         if not isinstance(lin.input_quantizer, nn.Identity):
             raise MqtoolError(f"{name} already has an input quantizer attached: smooth must run before it")
@@ -214,8 +234,6 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
                        _transform_matrix(name, lin))
 
     record: dict[str, Any] = {"method": method, "alpha": alpha, "targets": {}, "skipped": {}}
-    if method == "smooth-fused":
-        record["not_implemented"] = {"ssm_matmul": "addcmul(-ln s, delta, A) smoothing of the SSM matmul"}
     untied = False
     for name in names:
         route, why, act, H = plans[name]
@@ -275,4 +293,54 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
         entry["s_range"] = [float(s.min()), float(s.max())]
         record["targets"][name] = entry
     record["untied"] = untied
+    if smooth_ssm:  # last: Mamba-1's x_proj takes s into its (possibly just smoothed) weight
+        record["targets"][SSM_TARGET] = _smooth_ssm_input(model, online, ssm_acts, alpha)
     return record
+
+
+def _ssm_input_absmax(model: MambaLMHeadModel, calib: Calibration) -> list[Tensor]:
+    """Per-layer calibration abs-max of the SSM's input x (``<mixer>.ssm_x``), float64 on the CPU."""
+    out = []
+    for i, mixer in enumerate(model.mixers):
+        act = calib.get(f"backbone.layers.{i}.mixer.ssm_x", "absmax").detach().to(device="cpu", dtype=torch.float64)
+        if act.numel() != mixer.d_inner:
+            raise MqtoolError(f"calibration for layer {i}'s SSM input has {act.numel()} channels, the model "
+                              f"{mixer.d_inner}: was it made with this model (as it is now)?")
+        out.append(act)
+    return out
+
+
+@torch.no_grad()
+def _smooth_ssm_input(model: MambaLMHeadModel, online: dict, acts: list[Tensor], alpha: float) -> dict:
+    """Divide every mixer's SSM input x by ``s = max|x|^alpha`` (conv weights / s + S-SiLU) and
+    multiply its output back (``ssm_y``); Mamba-1's x_proj columns take s. See the module doc."""
+    attach.apply_online(model, {"ssm_smooth": {}})
+    online["ssm_smooth"] = {}
+    ratios, s_min, s_max = [], float("inf"), 0.0
+    for mixer, act in zip(model.mixers, acts, strict=True):
+        s = smoothing_scale(act, torch.ones_like(act), alpha)
+        d = mixer.d_inner
+        _divide_conv_channels(mixer.conv1d, s)                   # x channels come first (Mamba-2: then B, C)
+        mixer.conv_act.s[:d] = s.to(mixer.conv_act.s)
+        mixer.ssm_y.s.copy_(s.to(mixer.ssm_y.s))
+        if hasattr(mixer, "x_proj"):                             # Mamba-1: x_proj reads x / s now
+            lin = mixer.x_proj
+            _scale_columns(lin, s, _transform_matrix("x_proj", lin))
+        ratios.append([round(_outlier_ratio(act), 4), round(_outlier_ratio(act / s), 4)])
+        s_min, s_max = min(s_min, float(s.min())), max(s_max, float(s.max()))
+    into = ["<mixer>.conv1d.weight[:d_inner]", "<mixer>.conv1d.bias[:d_inner]", "<mixer>.conv_act.s",
+            "<mixer>.ssm_y.s"] + (["<mixer>.x_proj.weight"] if hasattr(model.mixers[0], "x_proj") else [])
+    return {"via": "ssm_smooth", "into": into, "outlier_ratio": ratios, "s_range": [s_min, s_max]}
+
+
+@torch.no_grad()
+def _divide_conv_channels(conv: nn.Conv1d, s: Tensor) -> None:
+    """Divide the first ``len(s)`` output channels of a depthwise conv (weight and bias) by s."""
+    n = s.numel()
+    w = conv.weight.detach().to(torch.float64).clone()
+    w[:n] /= s.to(w.device)[:, None, None]
+    _set(conv.weight, w)
+    if conv.bias is not None:
+        b = conv.bias.detach().to(torch.float64).clone()
+        b[:n] /= s.to(b.device)
+        _set(conv.bias, b)
