@@ -464,9 +464,11 @@ def quantize_states(
     model: Annotated[str, typer.Argument(help="Input checkpoint.")],
     output: OutOpt,
     bits: Annotated[int, typer.Option(help="State bits: 8, 6, 4 (16 = off).")] = 4,
-    method: Annotated[str, typer.Option(help="dsq (Q-Mamba), per-channel, per-state, per-tensor.")] = "dsq",
-    channel_scale: Annotated[str, typer.Option(help="DSQ channel scale: abs.mean.sqrt (paper), abs.mean, "
-                                               "abs.max, abs.max.sqrt.")] = "abs.mean.sqrt",
+    method: Annotated[str, typer.Option(help="auto (what measured best at 4 bits on both families: DSQ with the "
+                                        "abs.max channel scale), dsq (Q-Mamba), per-channel, per-state, "
+                                        "per-tensor.")] = "auto",
+    channel_scale: Annotated[str | None, typer.Option(help="DSQ channel scale: abs.mean.sqrt (paper; the default "
+                                                      "for --method dsq), abs.mean, abs.max, abs.max.sqrt.")] = None,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,

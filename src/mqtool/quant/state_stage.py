@@ -20,7 +20,18 @@ from mqtool.models import MambaLMHeadModel
 from mqtool.quant.attach import apply_online
 from mqtool.quant.states import StateQuantizer
 
-__all__ = ["apply_quantize_states"]
+__all__ = ["AUTO_METHOD", "apply_quantize_states", "auto_method"]
+
+#: ``method="auto"``: (method, DSQ channel scale) that measured best for the family at 4 bits
+#: (docs/results.md): DSQ with abs.max on both, whose steps are never coarser than per-channel's (its
+#: state factor is <= 1). The paper's abs.mean.sqrt was a little worse on Mamba-2 and far worse on
+#: Mamba-1 (a state there is d_inner x 16, and its state scale is a max over all d_inner channels).
+AUTO_METHOD: dict[str, tuple[str, str]] = {"Mamba2": ("dsq", "abs.max"), "Mamba1": ("dsq", "abs.max")}
+
+
+def auto_method(model: MambaLMHeadModel) -> tuple[str, str]:
+    """The (method, channel_scale) that ``method="auto"`` stands for on this model."""
+    return AUTO_METHOD[model.config.layer]
 
 
 def apply_quantize_states(
@@ -29,20 +40,28 @@ def apply_quantize_states(
     calib: Any = None,
     bits: int = 4,
     method: str = "dsq",
-    channel_scale: str = "abs.mean.sqrt",
+    channel_scale: str | None = None,
 ) -> dict[str, Any]:
     """Attach a state quantizer (``bits``, ``method``, DSQ's ``channel_scale``) to every mixer.
+    ``method="auto"`` picks method and channel scale by family (:data:`AUTO_METHOD`; an explicit
+    ``channel_scale`` still wins); the record says which. ``channel_scale`` None: abs.mean.sqrt.
 
     ``online["state_quantizer"]`` is set (replacing any earlier one) so that loading the
     checkpoint rebuilds the same quantizer. ``calib`` is accepted for the common stage signature
     and unused: scales are dynamic. ``bits=16`` attaches a quantizer that is the identity.
     Raises ``MqtoolError`` on an unknown method / channel_scale or unsupported bits.
     """
-    spec = StateQuantizer(bits, method, channel_scale).to_dict()  # validates the parameters
+    if method == "auto":
+        chosen, auto_scale = auto_method(model)
+        channel_scale = channel_scale or auto_scale
+    else:
+        chosen, channel_scale = method, channel_scale or "abs.mean.sqrt"
+    spec = StateQuantizer(bits, chosen, channel_scale).to_dict()  # validates the parameters
     online["state_quantizer"] = spec
     apply_online(model, {"state_quantizer": spec})
     return {
         "state_quantizer": dict(spec),
+        **({"method": f"auto -> {chosen} ({channel_scale}) for {model.config.layer}"} if method == "auto" else {}),
         "scales": "dynamic (recomputed from the state at every step; nothing calibrated)",
         "eval_mode": "recurrent",
     }
