@@ -143,15 +143,21 @@ def _row_text(row: object, where: str) -> str:
     raise MqtoolError(f"{where}: expected a string or an object with a string 'text' field")
 
 
-def _iter_jsonl(path: Path) -> Iterator[str]:
+def iter_json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed row)`` of a JSON-lines file (optionally gzipped), blank lines skipped;
+    a line that is not JSON is an MqtoolError naming the file and line."""
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    yield lineno, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise MqtoolError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-                yield _row_text(row, f"{path}:{lineno}")
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    for lineno, row in iter_json_lines(path):
+        yield _row_text(row, f"{path}:{lineno}")
 
 
 def read_text_file(path: str | Path, max_chars: int | None = None) -> str:

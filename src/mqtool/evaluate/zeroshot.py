@@ -22,7 +22,6 @@ the same for ASCII text). Log-probabilities are taken over the model's real voca
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -33,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from mqtool.data import DATA_ENV, data_root
+from mqtool.data import DATA_ENV, data_root, iter_json_lines
 from mqtool.errors import MqtoolError
 
 ZEROSHOT_DIR = "zeroshot"
@@ -95,20 +94,13 @@ class TaskResult:
 def _jsonl(path: Path, limit: int | None) -> list[dict]:
     rows: list[dict] = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MqtoolError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise MqtoolError(f"{path}:{lineno}: expected a JSON object")
-                rows.append(row)
-    except (OSError, UnicodeDecodeError) as err:
+        for lineno, row in iter_json_lines(path):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not isinstance(row, dict):
+                raise MqtoolError(f"{path}:{lineno}: expected a JSON object")
+            rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError) as err:
         raise MqtoolError(f"cannot read {path}: {err}") from err
     return rows
 
