@@ -121,7 +121,8 @@ def _expected_rows(model, train: tuple[str, ...]) -> dict[str, torch.Tensor]:
 def test_only_the_selected_rows_change(tiny_model, train) -> None:
     apply_quantize_states(tiny_model, {}, bits=4)
     before = _params(tiny_model)
-    record = apply_reconstruct(tiny_model, {}, windows=_ids(2, 12), epochs=1, lr=1e-3, train=train)
+    record = apply_reconstruct(tiny_model, {}, windows=_ids(2, 12), epochs=1, lr=1e-3, train=train,
+                               restore_worse=False)
     assert record["train"] == list(train)
     after = _params(tiny_model)
     expected = _expected_rows(tiny_model, train)
@@ -162,13 +163,50 @@ def test_esr_reduces_block_mse(tiny_model, family) -> None:
         rec_after = (tiny_model(ids, mode="recurrent") - fp).pow(2).mean().item()
     blocks = record["blocks"]
     assert [c[:2] for c in calls] == [(0, 2), (1, 2)]
-    assert [(b["loss_before"], b["loss_after"]) for b in blocks] == [c[2:] for c in calls]
+    assert [c[2] for c in calls] == blocks
     losses = [(round(b["loss_before"], 9), round(b["loss_after"], 9)) for b in blocks]
     msg = f"{family}: block MSE (before, after) {losses}; recurrent logit MSE {rec_before:.3g} -> {rec_after:.3g}"
     assert all(b["loss_after"] < b["loss_before"] for b in blocks), msg
     assert rec_after < 1.3 * rec_before, msg
     assert record["epochs"] == 3 and record["lr"] == 1e-4 and record["state_quantizer"]["bits"] == 4
     assert record["requantize_weights"] is True and "re-applied" in record["note"]
+
+
+@pytest.mark.parametrize("fam", ["mamba1", "mamba2"])
+def test_block_made_worse_on_held_out_windows_is_restored(model_factory, config_factory, fam) -> None:
+    """An lr far too large wrecks every block: each one is then put back bit for bit (kept false),
+    and the model's output is the untrained one's. A sane lr keeps what lowered the held-out loss."""
+    config = config_factory(fam)
+    model = model_factory(config)
+    apply_quantize_states(model, {}, bits=4, method="dsq")
+    ids = _ids(8, 16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out_before = model(ids, mode="recurrent")
+    record = apply_reconstruct(model, {}, windows=ids, epochs=2, lr=1.0, holdout=2)
+    assert record["holdout"] == 2 and record["windows"] == [8, 16]
+    for b in record["blocks"]:
+        assert b["holdout_loss_after"] > b["holdout_loss_before"] and b["kept"] is False, b
+    assert record["reverted_blocks"] == list(range(config.n_layer))
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids, mode="recurrent"), out_before)
+
+    # held-out windows: the default is 8 // 8 = 1; the decision follows their loss
+    record = apply_reconstruct(model, {}, windows=ids, epochs=2, lr=1e-4)
+    assert record["holdout"] == 1
+    assert all(b["kept"] == (b["holdout_loss_after"] < b["holdout_loss_before"]) for b in record["blocks"])
+    model.load_state_dict(original)
+    # holdout 0 decides on the training windows, where a small lr lowers the loss: trained blocks stay
+    record = apply_reconstruct(model, {}, windows=ids, epochs=3, lr=1e-4, holdout=0)
+    assert all(b["kept"] == (b["loss_after"] < b["loss_before"]) for b in record["blocks"])
+    kept = [b["block"] for b in record["blocks"] if b["kept"]]
+    assert kept, record["blocks"]
+    changed = {int(k.split(".")[2]) for k, v in model.state_dict().items()
+               if k.startswith("backbone.layers.") and not torch.equal(v, original[k])}
+    assert changed == set(kept)
+    with pytest.raises(MqtoolError, match="holdout"):
+        apply_reconstruct(model, {}, windows=ids, holdout=8)
 
 
 def test_requires_a_state_quantizer_and_valid_arguments(model_factory, config_factory) -> None:
@@ -233,7 +271,7 @@ def test_quantized_weights_are_put_back_on_their_grid(model_factory, config_fact
         qrec = apply_quantize(model, online, None, weights={"bits": 8}, activations={"bits": 8})
         apply_quantize_states(model, online, bits=4)
         before = _params(model)
-        rec = apply_reconstruct(model, online, windows=ids, epochs=1, lr=1e-3,
+        rec = apply_reconstruct(model, online, windows=ids, epochs=1, lr=1e-3, restore_worse=False,
                                 weight_specs=qrec["tensors"] if regrid else None)
         runs[regrid] = (model, before, rec, qrec["tensors"])
     model, _, rec, tensors = runs[False]
@@ -260,7 +298,7 @@ class _Stop(Exception):
     pass
 
 
-def _stop_after_block0(i, n, before, after):
+def _stop_after_block0(i, n, rec):
     if i == 0:
         raise _Stop
 

@@ -163,7 +163,7 @@ def _check(stats: dict[str, dict]) -> None:
                          ids=["w8a8", "w8a8-g32", "w4a8", "w4a8-g32"])
 def test_integer_logits_match_simulated(tmp_path, family, bits, group_size):
     sim_dir, exp_dir = _export(tmp_path, family, bits, group_size)
-    integer, _ = load_integer_model(exp_dir)
+    integer, _ = load_integer_model(exp_dir, device=DEVICE)
     lin = integer.backbone.layers[0].mixer.in_proj
     assert isinstance(lin, IntLinear) and lin.packed == (bits == 4) and lin.group_size == group_size
     assert lin.weight_q.dtype == (torch.uint8 if bits == 4 else torch.int8)

@@ -502,6 +502,13 @@ def reconstruct(
     train: Annotated[str, typer.Option(help="What learns: dt,B,C (SGA default) plus conv, norm.")] = "dt,B,C",
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     seed: int = 0,
+    holdout: Annotated[int | None, typer.Option(min=0, help="Calibration windows kept out of training (default "
+                                                "samples // 8): a block whose loss on them does not fall is "
+                                                "restored. 0: decide on the training windows.")] = None,
+    restore_worse: Annotated[bool, typer.Option(
+        "--restore-worse/--keep-worse",
+        help="Restore a block that training made worse (--keep-worse: keep every trained block, as the paper does).",
+    )] = True,
     state_dir: Annotated[Path | None, typer.Option(help="Where progress is kept so an interrupted run resumes "
                                                    "(default: OUTPUT.esr-state beside OUTPUT).")] = None,
     dtype: DTypeOpt = DType.float32,
@@ -523,12 +530,16 @@ def reconstruct(
     with _progress() as p:
         bar = p.add_task("ESR blocks", total=ckpt.config.n_layer)
 
-        def on_block(i, n, before, after):
+        def on_block(i, n, rec):
             p.update(bar, completed=i + 1)
-            err.print(f"block {i}: loss {before:.4g} -> {after:.4g}")
+            held = (f", held-out {rec['holdout_loss_before']:.4g} -> {rec['holdout_loss_after']:.4g}"
+                    if "holdout_loss_before" in rec else "")
+            err.print(f"block {i}: loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g}{held}"
+                      + ("" if rec["kept"] else " (worse: restored)"))
 
         _stage_command(model, output, "reconstruct",
-                       {"epochs": epochs, "lr": lr, "train": _split(train), "batch_size": batch_size, "seed": seed},
+                       {"epochs": epochs, "lr": lr, "train": _split(train), "batch_size": batch_size, "seed": seed,
+                        "holdout": holdout, "restore_worse": restore_worse},
                        None, force, dtype, device, windows=lambda: windows,
                        extra={"state_dir": sdir, "on_block": on_block,
                               "weight_specs": weight_specs(ckpt.manifest.stages)})

@@ -67,8 +67,9 @@ STAGES: dict[str, StageDef] = {
                          "quantizers (linear inputs; SSM inputs x, B, C with ssm_activations)"),
     "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale"), lambda p: False,
                                 help="quantize the recurrent state cache (dsq | per-channel | per-state | per-tensor)"),
-    "reconstruct": StageDef(apply_reconstruct, ("epochs", "lr", "train", "batch_size", "seed"), lambda p: False,
-                            needs_windows=True, help="Q-Mamba's ESR block-wise reconstruction"),
+    "reconstruct": StageDef(apply_reconstruct,
+                            ("epochs", "lr", "train", "batch_size", "seed", "holdout", "restore_worse"),
+                            lambda p: False, needs_windows=True, help="Q-Mamba's ESR block-wise reconstruction"),
 }
 
 CALIB_KEYS = ("data", "split", "samples", "seqlen", "seed", "max_chars")

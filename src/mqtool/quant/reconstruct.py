@@ -457,9 +457,11 @@ def apply_reconstruct(
     train: tuple[str, ...] | list[str] | str = ("dt", "B", "C"),
     batch_size: int = 1,
     state_dir: str | Path | None = None,
-    on_block: Callable[[int, int, float, float], None] | None = None,
+    on_block: Callable[[int, int, dict[str, Any]], None] | None = None,
     seed: int = 0,
     weight_specs: dict[str, dict[str, Any]] | None = None,
+    holdout: int | None = None,
+    restore_worse: bool = True,
 ) -> dict[str, Any]:
     """ESR: train the rows producing Δ, B, C (``train``) of each block, in place, so that the
     state-quantized block matches the FP block on the FP block inputs of ``windows`` [n, seq_len].
@@ -468,9 +470,14 @@ def apply_reconstruct(
     block from ``seed``), ``batch_size`` windows per step. Needs a state quantizer attached
     (``apply_quantize_states``); ``online`` is not changed (ESR only changes weights). ``calib`` is
     accepted for the common stage signature and unused. With ``state_dir``, progress is saved after
-    each block and a rerun with the same settings resumes. ``on_block(i, n_layer, loss_before,
-    loss_after)`` is called after each block is trained (and saved). Returns the manifest record:
-    settings and per-block reconstruction loss (the quantization-aware MSE) before and after.
+    each block and a rerun with the same settings resumes. ``on_block(i, n_layer, block_record)``
+    is called after each block is trained (and saved). Returns the manifest record: settings and
+    per-block reconstruction loss (the quantization-aware MSE) before and after.
+
+    ``holdout`` windows (the last ones; default n // 8) are not trained on: a block whose loss on
+    them does not fall gets its parameters back as they were (``kept: false`` in its record), so
+    ESR cannot leave a block worse on text it did not fit. ``holdout=0``: decide on the training
+    windows' loss instead; ``restore_worse=False``: keep every trained block (the paper's ESR).
 
     ``weight_specs`` (the weight-quantization stage's ``tensors`` record, ``"<linear>.weight" ->
     {"bits", "group_size", ...}``): when weights were fake-quantized before ESR, each trained weight
@@ -479,6 +486,11 @@ def apply_reconstruct(
     record says weight quantization must be re-applied.
     """
     windows, train = _check_args(windows, model, epochs, lr, train, batch_size, seed)
+    n_check = windows.shape[0] // 8 if holdout is None else holdout
+    if isinstance(n_check, bool) or not isinstance(n_check, int) or not 0 <= n_check < windows.shape[0]:
+        raise MqtoolError(f"holdout must be an integer in [0, {windows.shape[0]}) (the number of calibration "
+                          f"windows), got {holdout!r}")
+    n_fit = windows.shape[0] - n_check
     weight_specs = _check_weight_specs(weight_specs, model)
     spec = None
     for mixer in model.mixers:
@@ -487,7 +499,8 @@ def apply_reconstruct(
     n_layer = len(layers)
     device = model.backbone.embedding.weight.device
     settings = {"epochs": epochs, "lr": float(lr), "train": list(train), "batch_size": batch_size,
-                "seed": seed, "state_quantizer": spec, "weight_specs": weight_specs}
+                "seed": seed, "state_quantizer": spec, "weight_specs": weight_specs, "holdout": n_check,
+                "restore_worse": bool(restore_worse)}
     params = [trainable_rows(layer, train) for layer in layers]
 
     blocks: list[dict[str, Any]] = []
@@ -509,15 +522,29 @@ def apply_reconstruct(
     for i in range(len(blocks), n_layer):
         block = layers[i]
         target, next_residual = _fp_block(block, hidden, residual, batch_size, device)
-        before = _block_loss(block, hidden, residual, target, batch_size, device)
+        fit = (hidden[:n_fit], None if residual is None else residual[:n_fit], target[:n_fit])
+        check = (hidden[n_fit:], None if residual is None else residual[n_fit:], target[n_fit:])
+        before = _block_loss(block, *fit, batch_size, device)
+        check_before = _block_loss(block, *check, batch_size, device) if n_check else before
+        original = {name: p.detach().clone() for name, (p, _) in params[i].items()}
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        _train_block(model, block, params[i], hidden, residual, target, epochs, lr, batch_size, generator,
-                     device)
+        _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device)
         for name, (p, _) in params[i].items():
             if f"backbone.layers.{i}.{name}" in weight_specs:
                 _regrid(p, weight_specs[f"backbone.layers.{i}.{name}"])
-        after = _block_loss(block, hidden, residual, target, batch_size, device)
-        blocks.append({"block": i, "loss_before": before, "loss_after": after})
+        after = _block_loss(block, *fit, batch_size, device)
+        check_after = _block_loss(block, *check, batch_size, device) if n_check else after
+        rec = {"block": i, "loss_before": before, "loss_after": after, "kept": check_after < check_before}
+        if n_check:
+            rec.update(holdout_loss_before=check_before, holdout_loss_after=check_after)
+        if not restore_worse:
+            rec["kept"] = True
+        if not rec["kept"]:  # training made this block worse where it was not fitted: undo it
+            with torch.no_grad():
+                for name, (p, _) in params[i].items():
+                    p.copy_(original[name])
+        del original
+        blocks.append(rec)
         hidden, residual = target, next_residual  # the next block's FP inputs
         if sdir is not None:
             _atomic_save({name: p for name, (p, _) in params[i].items()}, _block_file(sdir, i))
@@ -526,7 +553,7 @@ def apply_reconstruct(
             _atomic_write_json({"fingerprint": fingerprint, "blocks": blocks}, sdir / STATE_FILE)
             _inputs_file(sdir, i).unlink(missing_ok=True)  # superseded (committed above)
         if on_block is not None:
-            on_block(i, n_layer, before, after)
+            on_block(i, n_layer, rec)
 
     regridded = sorted(f"backbone.layers.{{i}}.{name}" for name in params[0]
                        if f"backbone.layers.0.{name}" in weight_specs)
@@ -541,6 +568,9 @@ def apply_reconstruct(
         "loss": "mse(block output): FP block on FP inputs vs state-quantized block (one-step parallel QAT)",
         "reference": "the block with activation and state quantizers disabled",
         "windows": list(windows.shape),
+        "holdout": n_check,
+        "restore_worse": bool(restore_worse),
+        "reverted_blocks": [b["block"] for b in blocks if not b.get("kept", True)],
         "state_quantizer": spec,
         "trained": {f"backbone.layers.{{i}}.{name}": "all rows" if mask is None else f"{int(mask.sum())} rows"
                     for name, (_, mask) in params[0].items()},
