@@ -13,7 +13,7 @@ from mqtool.checkpoint import Manifest, load_model, model_state_dict, save_check
 from mqtool.errors import MqtoolError
 from mqtool.quant.attach import apply_online
 from mqtool.quant.quantizers import ActQuantizer
-from mqtool.quant.reconstruct import apply_reconstruct, qat_block_forward, qat_mixer_forward
+from mqtool.quant.reconstruct import _linear_recurrence, apply_reconstruct, qat_block_forward, qat_mixer_forward
 from mqtool.quant.state_stage import apply_quantize_states
 from mqtool.quant.states import StateQuantizer
 from mqtool.quant.weights import apply_quantize, weight_codes
@@ -207,6 +207,27 @@ def test_block_made_worse_on_held_out_windows_is_restored(model_factory, config_
     assert changed == set(kept)
     with pytest.raises(MqtoolError, match="holdout"):
         apply_reconstruct(model, {}, windows=ids, holdout=8)
+
+
+@pytest.mark.parametrize(("length", "chunk"), [(1, 64), (7, 3), (50, 8), (64, 64), (130, 64)])
+def test_chunked_recurrence_equals_the_step_loop(length, chunk) -> None:
+    """Mamba-1's exact states for ESR come from a two-level chunked recurrence: the same states and
+    the same gradients as the plain per-step loop (float64), lengths that do and do not fill chunks."""
+    g = torch.Generator().manual_seed(length)
+    dA = torch.rand(2, length, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    dBx = torch.randn(2, length, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    h, ref = torch.zeros(2, 5, 4, dtype=torch.float64), []
+    for t in range(length):
+        h = dA[:, t] * h + dBx[:, t]
+        ref.append(h)
+    ref = torch.stack(ref, 1)
+    got = _linear_recurrence(dA, dBx, chunk)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (dA, dBx)),
+                    torch.autograd.grad((ref * weights).sum(), (dA, dBx)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_requires_a_state_quantizer_and_valid_arguments(model_factory, config_factory) -> None:
