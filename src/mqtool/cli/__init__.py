@@ -1,0 +1,78 @@
+"""The `mqtool` command line: arguments, progress and exit codes. No algorithms live here.
+
+The commands live in the submodules (stages, evaluation, models); they are registered here, in the
+order `mqtool --help` lists them."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from mqtool import __version__
+from mqtool.cli import evaluation, models, stages
+from mqtool.cli._common import err
+from mqtool.errors import MqtoolError
+
+app = typer.Typer(
+    name="mqtool",
+    help="Post-training quantization for Mamba-1 and Mamba-2 language models.\n\n"
+    "Every stage reads a checkpoint directory and writes a new one, so stages chain in a shell "
+    "pipeline. MODEL is a checkpoint directory, a Hugging Face repo id, or `demo` (the small "
+    "embedded Mamba-2).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("eval")(evaluation.eval_cmd)
+app.command()(evaluation.zeroshot)
+app.command()(evaluation.bench)
+app.command()(stages.calibrate)
+app.command()(models.init)
+app.command()(models.generate)
+app.command()(models.info)
+app.command()(stages.rotate)
+app.command()(stages.smooth)
+app.command("quantize-states")(stages.quantize_states)
+app.command()(stages.reconstruct)
+app.command()(stages.quantize)
+app.command()(stages.export)
+app.command()(models.recipes)
+app.command()(evaluation.compare)
+app.command()(evaluation.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mqtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False) -> None:
+    pass
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except MqtoolError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped: scripts grep it
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:
+        # usage errors (bad option values, unknown commands) carry their own message and exit code;
+        # typer may vendor click, so recognise them by what they offer rather than by class
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

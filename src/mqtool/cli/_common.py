@@ -1,0 +1,101 @@
+"""What the commands share: option types, consoles, and how a MODEL/TASK argument, a device and a dtype
+are resolved and a checkpoint loaded."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mqtool.errors import MqtoolError
+
+err = Console(stderr=True)
+out = Console()
+
+ASSETS = Path(__file__).parent.parent / "assets"
+DEMO_MODEL = ASSETS / "demo-mamba2"
+DEMO_TEXT = ASSETS / "demo-eval.txt"
+DEMO_CALIB = ASSETS / "demo-calib.txt"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="MQTOOL_DATA", help="Local data root laid out like shared/data "
+                 "(wikitext-2-raw-v1/, c4/, techdocs/ ...). Default: $MQTOOL_DATA, else the hub."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
+DTypeOpt = Annotated[DType, typer.Option(help="Compute dtype of weights and activations (SSM states stay float32).")]
+CalibOpt = Annotated[Path | None, typer.Option("--calib", help="Calibration directory from `mqtool calibrate` "
+                                               "run on this stage's input.")]
+OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite OUTPUT if it exists.")]
+
+
+def _model_spec(spec: str) -> str:
+    return str(DEMO_MODEL) if spec == "demo" else spec
+
+
+def _task_spec(task: str) -> str:
+    return str(DEMO_TEXT) if task == "demo" else task
+
+
+def _device(device: str):
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MqtoolError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def _dtype(dtype: DType):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype.value]
+
+
+@contextmanager
+def _progress(enabled: bool = True):
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not enabled) as p:
+        yield p
+
+
+def _load(spec: str, dtype: DType, device: str):
+    import torch
+
+    from mqtool.checkpoint import load_model
+
+    if dtype == DType.float32:  # float32 means float32: no TF32 in matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    return load_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+
+
+def _load_integer(spec: str, dtype: DType, device: str):
+    """As `_load`, with the exported linears on the integer kernels (mqtool.runtime)."""
+    import torch
+
+    from mqtool.runtime import load_integer_model
+
+    if dtype == DType.float32:  # as _load: no TF32 in the float parts
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+
+
+def _split(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]

@@ -1,0 +1,272 @@
+"""Commands that measure a checkpoint: perplexity, zero-shot accuracy, speed, recipe comparisons, the demo."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mqtool.cli._common import (
+    DEMO_CALIB,
+    DataDirOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    _load,
+    _load_integer,
+    _progress,
+    _split,
+    _task_spec,
+    err,
+    out,
+)
+from mqtool.cli.stages import _run_recipe
+from mqtool.errors import MqtoolError
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    parallel = "parallel"
+    recurrent = "recurrent"
+
+
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, hub repo id, or `demo`.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: wikitext2, c4, techdocs-test, demo, "
+                                       "or paths of local text files.")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 2048,
+    mode: Annotated[Mode, typer.Option(help="parallel (chunked scan), recurrent (token by token through "
+                                       "the state cache), or auto: recurrent when states are quantized.")] = Mode.auto,
+    max_windows: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N windows "
+                                                    "(a slice, for quick checks).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Run the exported linears on the integer kernels "
+                                          "(an `mqtool export` checkpoint with 8-bit activations).")] = False,
+) -> None:
+    """Perplexity, GPTQ-style: non-overlapping windows, mean NLL over every predicted token."""
+    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.evaluate.perplexity import perplexity
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not task_list:
+        raise MqtoolError("--tasks is empty")
+    net, ckpt = (_load_integer if kernels else _load)(model, dtype, device)
+    tok = load_tokenizer(ckpt.path, data_dir)
+    run_mode = mode.value
+    if run_mode == "auto":
+        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") else "parallel"
+    results = {}
+    for task in task_list:
+        ids = eval_tokens(_task_spec(task), tok, seqlen, data_dir)
+        windows = eval_windows(ids, seqlen, max_windows=max_windows)
+        if windows.shape[0] == 0:
+            raise MqtoolError(f"{task}: fewer than {seqlen} tokens; lower --seqlen")
+        with _progress(not json_out) as p:
+            bar = p.add_task(f"{task} ({run_mode})", total=windows.shape[0])
+            res = perplexity(net, windows, mode=run_mode, batch_size=batch_size,
+                             on_batch=lambda k, bar=bar: p.advance(bar, k))
+        results[task] = res.to_dict()
+    if json_out:
+        print(json.dumps({"model": model, "results": results}, indent=2))
+        return
+    table = Table(title=f"{model}  (seqlen {seqlen}, {dtype.value})")
+    for col in ("task", "ppl", "windows", "tokens", "mode", "seconds"):
+        table.add_column(col, justify="left" if col in ("task", "mode") else "right")
+    for task, r in results.items():
+        table.add_row(task, f"{r['ppl']:.3f}", str(r["windows"]), str(r["tokens"]), r["mode"], f"{r['seconds']:.1f}")
+    out.print(table)
+
+
+class Backend(str, Enum):
+    builtin = "builtin"
+    lm_eval = "lm-eval"
+
+
+def zeroshot(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, hub repo id, or `demo`.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: piqa, arc_easy, arc_challenge, openbookqa, hellaswag, "
+                                       "winogrande, lambada_openai.")]
+    = "piqa,arc_easy,arc_challenge,openbookqa,hellaswag,winogrande,lambada_openai",
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N examples of each task.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 16,
+    mode: Annotated[Mode, typer.Option(help="parallel, recurrent, or auto: recurrent when states are quantized.")]
+    = Mode.auto,
+    backend: Annotated[Backend, typer.Option(help="builtin (mqtool's scorer) or lm-eval (lm-eval's task definitions "
+                                             "through the adapter; pip install mqtool[eval]).")] = Backend.builtin,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Zero-shot accuracy as lm-eval scores it (acc, acc_norm; LAMBADA acc and perplexity), from the
+    task files in <data root>/zeroshot."""
+    from mqtool.data import load_tokenizer
+    from mqtool.evaluate import zeroshot as zs
+
+    names = zs.parse_tasks(tasks)
+    zs.zeroshot_dir(data_dir)  # fail before loading the model
+    net, ckpt = _load(model, dtype, device)
+    tok = load_tokenizer(ckpt.path, data_dir)
+    run_mode = mode.value
+    if run_mode == "auto":
+        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") else "parallel"
+    if backend == Backend.lm_eval:
+        from mqtool.evaluate.lm_eval_adapter import evaluate_tasks
+
+        results = evaluate_tasks(net, tok, names, data_dir, limit, batch_size, run_mode)
+    else:
+        results = {}
+        for name in names:
+            task = zs.load_task(name, data_dir, limit)
+            with _progress() as p:
+                bar = p.add_task(f"{name} ({run_mode})", total=task.n_requests)
+                results[name] = zs.evaluate(net, tok, task, batch_size, run_mode,
+                                            on_batch=lambda k, bar=bar: p.advance(bar, k))
+    first = f", first {limit} examples" if limit else ""
+    table = Table(title=f"{model}: zero-shot ({dtype.value}, {run_mode}, {backend.value}{first})")
+    for col in ("task", "metric", "value", "±", "n"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for name, r in results.items():
+        for metric, value in r.metrics.items():
+            se = r.stderr.get(metric)
+            shown = f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
+            table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n))
+    out.print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "backend": backend.value, "mode": run_mode,
+                                         "dtype": dtype.value, "limit": limit,
+                                         "results": {k: r.to_dict() for k, r in results.items()}}, indent=2) + "\n")
+
+
+def bench(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, hub repo id, or `demo`.")],
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 1,
+    prompt_len: Annotated[int, typer.Option(min=1, help="Prefill tokens per sequence.")] = 512,
+    gen_len: Annotated[int, typer.Option(min=1, help="Decode steps (one token per sequence each).")] = 128,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Integer kernels (exported "
+                                          "checkpoints) or the simulated model.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+) -> None:
+    """Time prefill and decode on random tokens (no data needed); report memory and weight bytes."""
+    from mqtool.runtime import benchmark
+
+    net, _ = (_load_integer if kernels else _load)(model, dtype, device)
+    res = {"model": model, **benchmark(net, batch=batch, prompt_len=prompt_len, gen_len=gen_len)}
+    if json_out:
+        print(json.dumps(res, indent=2))
+        return
+    backend = res["kernel_backend"] or "simulated"
+    table = Table(title=f"{model}  ({res['layer']}, {res['dtype']}, {res['device']}, {backend})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    mib = 2**20
+    for label, value in (
+        (f"prefill {batch} x {prompt_len}", f"{res['prefill_seconds'] * 1000:.1f} ms, "
+                                            f"{res['prefill_tokens_per_s']:,.0f} tok/s"),
+        (f"decode {gen_len} steps", f"{res['decode_ms_per_step']:.2f} ms/step, "
+                                    f"{res['decode_tokens_per_s']:,.0f} tok/s"),
+        ("weights", f"{res['weight_bytes'] / mib:.2f} MiB"),
+        ("state cache", f"{res['state_cache_bytes'] / mib:.3f} MiB"),
+        (f"peak memory ({res['peak_memory_kind']})", f"{res['peak_memory_bytes'] / mib:.2f} MiB"),
+    ):
+        table.add_row(label, value)
+    out.print(table)
+
+
+def compare(
+    model: Annotated[str, typer.Argument(help="Checkpoint (full precision), hub repo id, or `demo`.")],
+    recipes_: Annotated[str, typer.Option("--recipes", help="Comma-separated recipe names or files.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated perplexity tasks.")] = "wikitext2,c4",
+    seqlen: Annotated[int, typer.Option(min=2, help="Evaluation window.")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    samples: Annotated[int | None, typer.Option(help="Override every recipe's calibration samples.")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(help="Override every recipe's calibration seqlen.")] = None,
+    calib_data: Annotated[str | None, typer.Option(help="Override every recipe's calibration data.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table as markdown here.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run each recipe on MODEL and tabulate perplexity, full precision first (the papers' Table 1 shape).
+    Recipes with a state quantizer are evaluated in recurrent mode, the rest in parallel mode."""
+    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.evaluate.perplexity import perplexity
+    from mqtool.pipeline import load_recipe
+
+    names = _split(recipes_) or []
+    recs = [load_recipe(n) for n in names]  # fail on a bad name before any work
+    task_list = _split(tasks) or []
+    net, ckpt = _load(model, dtype, device)
+    tok = load_tokenizer(ckpt.path, data_dir)
+    windows = {t: eval_windows(eval_tokens(_task_spec(t), tok, seqlen, data_dir), seqlen, max_windows=max_windows)
+               for t in task_list}
+    rows = []
+
+    def evaluate(label: str, m, mode: str, extra: dict) -> None:
+        row = {"recipe": label, "mode": mode, **extra}
+        for t in task_list:
+            with _progress() as p:
+                bar = p.add_task(f"{label}: {t}", total=windows[t].shape[0])
+                res = perplexity(m, windows[t], mode=mode, batch_size=batch_size,
+                                 on_batch=lambda k, bar=bar: p.advance(bar, k))
+            row[t] = res.ppl
+        rows.append(row)
+        err.print(f"{label}: " + ", ".join(f"{t} {row[t]:.3f}" for t in task_list))
+
+    evaluate("fp", net, "parallel", {"seconds": 0.0})
+    for rec in recs:
+        net, ckpt = _load(model, dtype, device)
+        records, secs = _run_recipe(net, ckpt, rec, samples, calib_seqlen, calib_data, data_dir)
+        mode = "recurrent" if records and records[-1]["online"].get("state_quantizer") else "parallel"
+        evaluate(rec.name, net, mode, {"seconds": secs})
+    _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path)
+
+
+def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path) -> None:
+    fp = rows[0]
+    limit = f", first {max_windows} windows" if max_windows else ""
+    table = Table(title=f"{model}: perplexity (seqlen {seqlen}{limit})")
+    table.add_column("recipe")
+    for t in task_list:
+        table.add_column(t, justify="right")
+        table.add_column("Δ%", justify="right")
+    table.add_column("mode")
+    table.add_column("quantize s", justify="right")
+    md = ["| recipe | " + " | ".join(f"{t} | Δ% " for t in task_list) + " | mode | quantize s |",
+          "|---|" + "---:|---:|" * len(task_list) + "---|---:|"]
+    for r in rows:
+        cells = []
+        for t in task_list:
+            cells += [f"{r[t]:.2f}", "" if r is fp else f"{100 * (r[t] / fp[t] - 1):+.2f}"]
+        table.add_row(r["recipe"], *cells, r["mode"], f"{r['seconds']:.1f}")
+        md.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {r['mode']} | {r['seconds']:.1f} |")
+    out.print(table)
+    if markdown:
+        markdown.write_text("\n".join(md) + "\n")
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "seqlen": seqlen, "max_windows": max_windows,
+                                         "rows": rows}, indent=2) + "\n")
+
+
+def demo(
+    recipes_: Annotated[str, typer.Option("--recipes", help="Recipes to run on the demo model.")]
+    = "w8a8-rtn,w4a8-rtn,w4a8-quarot,w4a8-klt,w16a16h4-perchannel,w16a16h4-dsq",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """The main job on the embedded demo Mamba-2, offline: quantize it with several recipes
+    (calibrated on a small embedded text) and compare perplexity on held-out text, FP first."""
+    compare("demo", recipes_, tasks="demo", seqlen=256, max_windows=None, batch_size=16, samples=16,
+            calib_seqlen=256, calib_data=str(DEMO_CALIB), markdown=None, json_path=None, dtype=DType.float32,
+            device=device, data_dir=None)
