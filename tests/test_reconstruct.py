@@ -183,7 +183,8 @@ def test_block_made_worse_on_held_out_windows_is_restored(model_factory, config_
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         out_before = model(ids, mode="recurrent")
-    record = apply_reconstruct(model, {}, windows=ids, epochs=2, lr=1.0, holdout=2)
+    assert apply_reconstruct(model, {}, windows=ids, epochs=0)["holdout"] == 0  # default: the paper's ESR
+    record = apply_reconstruct(model, {}, windows=ids, epochs=2, lr=1.0, holdout=2, restore_worse=True)
     assert record["holdout"] == 2 and record["windows"] == [8, 16]
     for b in record["blocks"]:
         assert b["holdout_loss_after"] > b["holdout_loss_before"] and b["kept"] is False, b
@@ -193,12 +194,12 @@ def test_block_made_worse_on_held_out_windows_is_restored(model_factory, config_
         assert torch.equal(model(ids, mode="recurrent"), out_before)
 
     # held-out windows: the default is 8 // 8 = 1; the decision follows their loss
-    record = apply_reconstruct(model, {}, windows=ids, epochs=2, lr=1e-4)
+    record = apply_reconstruct(model, {}, windows=ids, epochs=2, lr=1e-4, restore_worse=True)
     assert record["holdout"] == 1
     assert all(b["kept"] == (b["holdout_loss_after"] < b["holdout_loss_before"]) for b in record["blocks"])
     model.load_state_dict(original)
     # holdout 0 decides on the training windows, where a small lr lowers the loss: trained blocks stay
-    record = apply_reconstruct(model, {}, windows=ids, epochs=3, lr=1e-4, holdout=0)
+    record = apply_reconstruct(model, {}, windows=ids, epochs=3, lr=1e-4, holdout=0, restore_worse=True)
     assert all(b["kept"] == (b["loss_after"] < b["loss_before"]) for b in record["blocks"])
     kept = [b["block"] for b in record["blocks"] if b["kept"]]
     assert kept, record["blocks"]
