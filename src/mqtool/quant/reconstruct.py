@@ -547,7 +547,7 @@ def apply_reconstruct(
         check = (hidden[n_fit:], None if residual is None else residual[n_fit:], target[n_fit:])
         before = _block_loss(block, *fit, batch_size, device)
         check_before = _block_loss(block, *check, batch_size, device) if n_check else before
-        original = {name: p.detach().clone() for name, (p, _) in params[i].items()}
+        original = {name: p.detach().clone() for name, (p, _) in params[i].items()} if restore_worse else {}
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device)
         for name, (p, _) in params[i].items():
@@ -555,11 +555,10 @@ def apply_reconstruct(
                 _regrid(p, weight_specs[f"backbone.layers.{i}.{name}"])
         after = _block_loss(block, *fit, batch_size, device)
         check_after = _block_loss(block, *check, batch_size, device) if n_check else after
-        rec = {"block": i, "loss_before": before, "loss_after": after, "kept": check_after < check_before}
+        rec = {"block": i, "loss_before": before, "loss_after": after,
+               "kept": not restore_worse or check_after < check_before}
         if n_check:
             rec.update(holdout_loss_before=check_before, holdout_loss_after=check_after)
-        if not restore_worse:
-            rec["kept"] = True
         if not rec["kept"]:  # training made this block worse where it was not fitted: undo it
             with torch.no_grad():
                 for name, (p, _) in params[i].items():
