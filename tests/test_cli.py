@@ -180,13 +180,19 @@ def test_recipe_and_compare(capsys, tmp_path, tokenizer_model, text_file):
     stages = [s["stage"] for s in json.loads((out / "mqtool.json").read_text())["stages"]]
     assert stages == ["rotate", "smooth", "quantize"]
     md, js = tmp_path / "t.md", tmp_path / "t.json"
-    code, _, err = run(capsys, "compare", str(model), "--recipes", "w8a8-rtn,w16a16h4-dsq", "--tasks", str(text_file),
-                       "--seqlen", "32", "--max-windows", "2", "--samples", "4", "--calib-seqlen", "32",
+    code, _, err = run(capsys, "compare", str(model), "--recipes", "w8a8-rtn,w16a16h4-dsq-esr",
+                       "--tasks", str(text_file), "--seqlen", "32", "--max-windows", "2", "--samples", "4",
+                       "--calib-seqlen", "32", "--calib-data", str(text_file),
                        "--markdown", str(md), "--json", str(js), "--device", "cpu")
     assert code == 0, err
     rows = json.loads(js.read_text())["rows"]
-    assert [r["recipe"] for r in rows] == ["fp", "w8a8-rtn", "w16a16h4-dsq"]
+    assert [r["recipe"] for r in rows] == ["fp", "w8a8-rtn", "w16a16h4-dsq-esr"]
     assert rows[2]["mode"] == "recurrent"
+    # the ESR row carries its per-block losses, one per layer of the model, and says so on stderr
+    n_layer = json.loads((model / "config.json").read_text())["n_layer"]
+    assert [b["block"] for b in rows[2]["esr_blocks"]] == list(range(n_layer))
+    assert all(b["loss_before"] > 0 and b["loss_after"] > 0 for b in rows[2]["esr_blocks"])
+    assert "esr_blocks" not in rows[1] and f"of {n_layer} blocks" in err
     assert md.read_text().count("\n") == 5
 
 
@@ -244,6 +250,18 @@ def test_every_shipped_recipe_parses():
     for name in names:
         recipe = load_recipe(name)
         assert recipe.stages and all(stage in STAGES for stage, _ in recipe.stages), name
+
+
+def test_recipe_numbers_in_exponent_form(tmp_path):
+    """`lr: 1e-4` is a number in a recipe (plain YAML 1.1 would read it as the string '1e-4')."""
+    from mqtool.pipeline import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - quantize-states: {bits: 4}\n  - reconstruct: {lr: 1e-4, epochs: 1}\n"
+                    "  - smooth: {method: smoothquant, alpha: 5E-1}\n")
+    stages = dict(load_recipe(path).stages)
+    assert stages["reconstruct"]["lr"] == 1e-4 and stages["smooth"]["alpha"] == 0.5
+    assert stages["reconstruct"]["epochs"] == 1 and isinstance(stages["reconstruct"]["epochs"], int)
 
 
 def test_demo_main_job(capsys):

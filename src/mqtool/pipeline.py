@@ -18,6 +18,7 @@ after every transform that changes activations), from the recipe's calibration d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,14 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; recipes mean a number (YAML 1.2 and TOML agree)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_recipe(spec: str | Path) -> Recipe:
     """A shipped recipe by name (`mqtool recipes` lists them) or a user's YAML/TOML file."""
     path = Path(spec)
@@ -134,7 +143,7 @@ def load_recipe(spec: str | Path) -> Recipe:
             raise MqtoolError(f"unknown recipe {spec!r}: not a file, and not one of: {', '.join(available_recipes())}")
     try:
         text = path.read_text()
-        d = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        d = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_RecipeLoader)
     except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MqtoolError(f"{path}: cannot parse recipe ({e})") from None
     return parse_recipe(d, path.stem)

@@ -230,8 +230,21 @@ def compare(
         net, ckpt = _load(model, dtype, device)
         records, secs = _run_recipe(net, ckpt, rec, samples, calib_seqlen, calib_data, data_dir)
         mode = "recurrent" if records and records[-1]["online"].get("state_quantizer") else "parallel"
-        evaluate(rec.name, net, mode, {"seconds": secs})
+        evaluate(rec.name, net, mode, {"seconds": secs, **_esr_summary(records)})
     _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path)
+
+
+def _esr_summary(records: list[dict]) -> dict:
+    """The per-block ESR losses of a recipe's reconstruct stage (for the JSON), printed in one line:
+    whether training lowered its own objective is the first thing to check when ESR disappoints."""
+    for r in records:
+        if r["stage"] == "reconstruct":
+            blocks = [{k: b[k] for k in ("block", "loss_before", "loss_after", "kept")} for b in r["record"]["blocks"]]
+            lower = sum(b["loss_after"] < b["loss_before"] for b in blocks)
+            err.print(f"ESR (lr {r['record']['lr']:g}): training loss fell in {lower} of {len(blocks)} blocks; "
+                      + " ".join(f"{b['loss_after'] / b['loss_before']:.3g}" for b in blocks) + " (after/before)")
+            return {"esr_blocks": blocks}
+    return {}
 
 
 def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path) -> None:
