@@ -24,7 +24,7 @@ PY
   done ;;
 linear)
   python3 -u -m mqtool compare "$model" --tasks $tasks --seqlen 1024 --batch-size 64 \
-    --recipes w8a8-rtn,w8a8-gptq,w8a8-smoothquant,w8a8-quarot,w8a8-klt,w4a8-rtn,w4a8-gptq,w4a8-smoothquant,w4a8-quarot,w4a8-ablation-klt,w4a8-ablation-hadamard-sf,w4a8-klt,w4a8-ablation-klt-sf-ssm \
+    --recipes w8a8-rtn,w8a8-gptq,w8a8-smoothquant,w8a8-quarot,w8a8-klt,w4a8-rtn,w4a8-gptq,w4a8-smoothquant,w4a8-quarot,w4a8-ablation-klt,w4a8-ablation-hadamard-sf,w4a8-ablation-klt-sf,w4a8-klt \
     --markdown "$out/$name-linear.md" --json "$out/$name-linear.json" > "$out/$name-linear.log" 2>&1 ;;
 states)
   python3 -u -m mqtool compare "$model" --tasks $tasks --seqlen 1024 --batch-size 512 --samples ${ESR_SAMPLES:-32} \
