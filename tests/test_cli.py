@@ -264,6 +264,30 @@ def test_recipe_numbers_in_exponent_form(tmp_path):
     assert stages["reconstruct"]["epochs"] == 1 and isinstance(stages["reconstruct"]["epochs"], int)
 
 
+def test_reconstruct_cli_defaults_match_the_library():
+    """The CLI spells ESR's defaults out (it does not import torch for --help); they must not drift."""
+    import inspect
+
+    from mqtool.cli.stages import reconstruct
+    from mqtool.quant.reconstruct import apply_reconstruct
+
+    cli, lib = inspect.signature(reconstruct).parameters, inspect.signature(apply_reconstruct).parameters
+    for name in ("epochs", "lr", "batch_size", "seed", "holdout", "restore_worse"):
+        assert cli[name].default == lib[name].default, name
+    assert cli["train"].default.split(",") == list(lib["train"].default)
+
+
+def test_esr_summary_survives_a_zero_loss(capsys):
+    """A block already exact (loss 0 before) must not crash compare after all its work."""
+    from mqtool.cli.evaluation import _esr_summary
+
+    blocks = [{"block": 0, "loss_before": 0.0, "loss_after": 0.0, "kept": True},
+              {"block": 1, "loss_before": 2.0, "loss_after": 1.0, "kept": True}]
+    out = _esr_summary([{"stage": "reconstruct", "record": {"lr": 3e-5, "blocks": blocks}}])
+    assert out == {"esr_blocks": blocks}
+    assert "fell in 1 of 2 blocks; - 0.5 (after/before)" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_demo_main_job(capsys):
     """The README's main command: the embedded model, quantized by two recipes, offline."""
     code, out, err = run(capsys, "demo", "--recipes", "w8a8-rtn,w16a16h4-dsq")

@@ -241,8 +241,9 @@ def _esr_summary(records: list[dict]) -> dict:
         if r["stage"] == "reconstruct":
             blocks = [{k: b[k] for k in ("block", "loss_before", "loss_after", "kept")} for b in r["record"]["blocks"]]
             lower = sum(b["loss_after"] < b["loss_before"] for b in blocks)
+            ratios = (f"{b['loss_after'] / b['loss_before']:.3g}" if b["loss_before"] else "-" for b in blocks)
             err.print(f"ESR (lr {r['record']['lr']:g}): training loss fell in {lower} of {len(blocks)} blocks; "
-                      + " ".join(f"{b['loss_after'] / b['loss_before']:.3g}" for b in blocks) + " (after/before)")
+                      + " ".join(ratios) + " (after/before)")
             return {"esr_blocks": blocks}
     return {}
 
