@@ -4,6 +4,7 @@ directories, errors are one line with exit code 2, recipes run and compare tabul
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,9 @@ def test_recipe_and_compare(capsys, tmp_path, tokenizer_model, text_file):
     assert code == 0, err
     stages = [s["stage"] for s in json.loads((out / "mqtool.json").read_text())["stages"]]
     assert stages == ["rotate", "smooth", "quantize"]
+    # the closing line says where the time went, stage by stage
+    line = " ".join(err.split())  # rich wraps long lines
+    assert re.search(r"\(rotate [\d.]+s, smooth [\d.]+s, quantize [\d.]+s\)", line), err
     md, js = tmp_path / "t.md", tmp_path / "t.json"
     code, _, err = run(capsys, "compare", str(model), "--recipes", "w8a8-rtn,w16a16h4-dsq-esr",
                        "--tasks", str(text_file), "--seqlen", "32", "--max-windows", "2", "--samples", "4",
@@ -193,6 +197,9 @@ def test_recipe_and_compare(capsys, tmp_path, tokenizer_model, text_file):
     assert [b["block"] for b in rows[2]["esr_blocks"]] == list(range(n_layer))
     assert all(b["loss_before"] > 0 and b["loss_after"] > 0 for b in rows[2]["esr_blocks"])
     assert "esr_blocks" not in rows[1] and f"of {n_layer} blocks" in err
+    stage_seconds = rows[2]["stage_seconds"]
+    assert [s["stage"] for s in stage_seconds] == ["quantize-states", "reconstruct"]
+    assert sum(s["seconds"] for s in stage_seconds) == pytest.approx(rows[2]["seconds"])
     assert md.read_text().count("\n") == 5
 
 

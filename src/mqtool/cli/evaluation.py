@@ -230,7 +230,8 @@ def compare(
         net, ckpt = _load(model, dtype, device)
         records, secs = _run_recipe(net, ckpt, rec, samples, calib_seqlen, calib_data, data_dir)
         mode = "recurrent" if records and records[-1]["online"].get("state_quantizer") else "parallel"
-        evaluate(rec.name, net, mode, {"seconds": secs, **_esr_summary(records)})
+        stage_seconds = [{"stage": r["stage"], "seconds": r["seconds"]} for r in records]
+        evaluate(rec.name, net, mode, {"seconds": secs, "stage_seconds": stage_seconds, **_esr_summary(records)})
     _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path)
 
 
