@@ -316,6 +316,37 @@ def test_quantized_weights_are_put_back_on_their_grid(model_factory, config_fact
         assert torch.equal(params[in_proj], before[in_proj])
 
 
+@pytest.mark.parametrize("fam", ["mamba1", "mamba2"])
+def test_quantized_weights_train_on_their_grid(model_factory, config_factory, fam) -> None:
+    """With weight_specs every training step sees the trained weight on its grid (the loss ESR
+    lowers is the loss of the weights it keeps); without, the float weight leaves it after one step."""
+    seen = {}
+    for regrid in (False, True):
+        model = model_factory(config_factory(fam))
+        online: dict = {}
+        qrec = apply_quantize(model, online, None, weights={"bits": 4}, activations={"bits": 8})
+        apply_quantize_states(model, online, bits=4)
+        linear = model.mixers[0].x_proj if fam == "mamba1" else model.mixers[0].in_proj
+        spec = qrec["tensors"][f"backbone.layers.0.mixer.{'x_proj' if fam == 'mamba1' else 'in_proj'}.weight"]
+        on_grid = []
+
+        def check(module, args, on_grid=on_grid, spec=spec):
+            if torch.is_grad_enabled():  # training steps only, not the loss before / after
+                try:
+                    weight_codes(module.weight, spec)
+                    on_grid.append(True)
+                except MqtoolError:
+                    on_grid.append(False)
+
+        handle = linear.register_forward_pre_hook(check)
+        apply_reconstruct(model, online, windows=_ids(3, 10), epochs=2, lr=1e-2,
+                          weight_specs=qrec["tensors"] if regrid else None)
+        handle.remove()
+        seen[regrid] = on_grid
+    assert len(seen[True]) == 6 and all(seen[True]), seen[True]
+    assert not all(seen[False][1:]), seen[False]
+
+
 class _Stop(Exception):
     pass
 

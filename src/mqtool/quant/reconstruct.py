@@ -15,10 +15,11 @@ Design decisions:
   activation quantizers / online transforms earlier stages attached. The *FP* block is the same
   block with every ``ActQuantizer`` and the state quantizer temporarily replaced by identities
   (online rotations and smoothing are function-preserving and stay). Weights are whatever the
-  model holds: ESR trains in float, so weight quantization belongs *after* this stage — if an
-  earlier stage simulated it in place, the trained rows are off the grid: pass that stage's
-  ``tensors`` record as ``weight_specs`` to put them back on it after each block, or quantize
-  them again later (the record says which).
+  model holds. If an earlier stage simulated weight quantization in place, pass that stage's
+  ``tensors`` record as ``weight_specs``: those weights train quantization-aware (forward and
+  backward on the grid, updates to a float copy, straight-through) and end on their grid. Without
+  it ESR trains in float and the trained rows are left off the grid, to be quantized again later
+  (the record says which).
 * The FP hidden states are propagated block by block (the next block's FP input is this block's
   FP output, computed before this block is trained), so memory holds one block's inputs and
   targets for all windows (on the CPU; batches move to the model's device).
@@ -72,8 +73,9 @@ Rows = dict[str, tuple[nn.Parameter, Tensor | None]]
 WEIGHTS_NOTE = ("ESR trains the selected rows in floating point: weight quantization, if an earlier stage "
                 "simulated it, must be re-applied to the trained rows after reconstruction (quantize "
                 "weights after this stage, or pass that stage's `tensors` record as weight_specs).")
-REGRID_NOTE = ("trained weights named in weight_specs were put back on their RTN grid after each block "
-               "(only the trained rows move: rows and groups have their own scales)")
+REGRID_NOTE = ("trained weights named in weight_specs trained on their RTN grid (straight-through) and "
+               "were put back on it after each block (only the trained rows move: rows and groups have "
+               "their own scales)")
 
 
 # ------------------------------------------------------------------- quantization-aware forward
@@ -314,7 +316,15 @@ def _block_loss(block: Block, hidden: Tensor, residual: Tensor | None, target: T
 
 def _train_block(model: MambaLMHeadModel, block: Block, params: Rows,
                  hidden: Tensor, residual: Tensor | None, target: Tensor, epochs: int, lr: float,
-                 batch_size: int, generator: torch.Generator, device: torch.device) -> None:
+                 batch_size: int, generator: torch.Generator, device: torch.device,
+                 grids: dict[str, dict[str, Any]] | None = None) -> None:
+    """AdamW on the rows of ``params``. A parameter named in ``grids`` (its weight-quantization
+    spec) is trained quantization-aware: each step runs forward and backward with the weight on its
+    grid and applies the gradient to a float copy (straight-through), so the loss training lowers
+    is the loss of the weights that are kept. Without it, training moves the float weights by less
+    than a grid step and the final re-gridding undoes or overshoots what it learned: on the
+    Mamba-1 reference model with W8 weights the block loss then rose after ESR (docs/results.md)."""
+    grids = grids or {}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     hooks = []
     try:
@@ -330,10 +340,19 @@ def _train_block(model: MambaLMHeadModel, block: Block, params: Rows,
             for _ in range(epochs):
                 order = torch.randperm(hidden.shape[0], generator=generator)
                 for idx in _batches(hidden.shape[0], batch_size, order):
+                    latent = {}
+                    with torch.no_grad():
+                        for name, spec in grids.items():
+                            p = params[name][0]
+                            latent[name] = p.detach().clone()
+                            p.copy_(_grid_point(p, spec).to(p.dtype))
                     out = qat_block_forward(block, _take(hidden, idx, device), _take(residual, idx, device))
                     loss = F.mse_loss(out.float(), target[idx].to(device).float())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    with torch.no_grad():
+                        for name, w in latent.items():
+                            params[name][0].copy_(w)
                     opt.step()
     finally:
         for h in hooks:
@@ -372,17 +391,23 @@ def _check_args(windows: Any, model: MambaLMHeadModel, epochs: Any, lr: Any, tra
 
 
 @torch.no_grad()
-def _regrid(param: Tensor, spec: dict[str, Any]) -> None:
-    """Put a trained weight back on the grid of its weight-quantization spec ``{"bits", "group_size"}``:
-    the RTN fixed point (scales are per row or per group, so rows that did not train, already fixed
-    points, stay bit-identical)."""
-    w = param.detach().float()
+def _grid_point(w: Tensor, spec: dict[str, Any]) -> Tensor:
+    """The weight on the grid of its weight-quantization spec ``{"bits", "group_size"}``: the RTN
+    fixed point (scales are per row or per group, so rows that did not train, already fixed points,
+    stay bit-identical)."""
+    w = w.detach().float()
     for _ in range(4):
         nxt = fake_quantize_weight(w, spec["bits"], spec.get("group_size"))
         if torch.equal(nxt, w):
             break
         w = nxt
-    param.copy_(w.to(param.dtype))
+    return w
+
+
+@torch.no_grad()
+def _regrid(param: Tensor, spec: dict[str, Any]) -> None:
+    """Put a trained weight back on its grid (:func:`_grid_point`), in place."""
+    param.copy_(_grid_point(param, spec).to(param.dtype))
 
 
 def _check_weight_specs(weight_specs: Any, model: MambaLMHeadModel) -> dict[str, dict[str, Any]]:
@@ -505,9 +530,10 @@ def apply_reconstruct(
 
     ``weight_specs`` (the weight-quantization stage's ``tensors`` record, ``"<linear>.weight" ->
     {"bits", "group_size", ...}``): when weights were fake-quantized before ESR, each trained weight
-    named there is put back on its grid after its block trains (the loss after is measured on the
-    re-gridded block). Without it, trained rows of quantized weights are left off the grid and the
-    record says weight quantization must be re-applied.
+    named there trains on its grid (straight-through to a float copy) and is put back on it after
+    its block trains (the loss after is measured on the re-gridded block). Without it, trained rows
+    of quantized weights are left off the grid and the record says weight quantization must be
+    re-applied.
     """
     windows, train = _check_args(windows, model, epochs, lr, train, batch_size, seed)
     n_check = (windows.shape[0] // 8 if restore_worse else 0) if holdout is None else holdout
@@ -552,7 +578,9 @@ def apply_reconstruct(
         check_before = _block_loss(block, *check, batch_size, device) if n_check else before
         original = {name: p.detach().clone() for name, (p, _) in params[i].items()} if restore_worse else {}
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device)
+        grids = {name: weight_specs[f"backbone.layers.{i}.{name}"] for name in params[i]
+                 if f"backbone.layers.{i}.{name}" in weight_specs}
+        _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device, grids)
         for name, (p, _) in params[i].items():
             if f"backbone.layers.{i}.{name}" in weight_specs:
                 _regrid(p, weight_specs[f"backbone.layers.{i}.{name}"])
