@@ -280,6 +280,16 @@ def test_trains_through_activation_quantizers(model_factory, config_factory, fam
     assert all(isinstance(m.state_quantizer, StateQuantizer) for m in model.mixers)
 
 
+def _weight_quantized(model_factory, config_factory, fam: str, bits: int):
+    """A model with RTN weights (``bits``), per-token A8 and a DSQ H4 state, as the w8a8h*-qmamba
+    recipes leave it before ESR: ``(model, online, the quantize stage's record)``."""
+    model = model_factory(config_factory(fam))
+    online: dict = {}
+    qrec = apply_quantize(model, online, None, weights={"bits": bits}, activations={"bits": 8})
+    apply_quantize_states(model, online, bits=4)
+    return model, online, qrec
+
+
 @pytest.mark.parametrize("fam", ["mamba1", "mamba2"])
 def test_quantized_weights_are_put_back_on_their_grid(model_factory, config_factory, fam) -> None:
     """W8 RTN before ESR (as the w8a8h4 recipes do): without weight_specs the trained rows leave the
@@ -288,10 +298,7 @@ def test_quantized_weights_are_put_back_on_their_grid(model_factory, config_fact
     ids = _ids(2, 10)
     runs = {}
     for regrid in (False, True):
-        model = model_factory(config_factory(fam))
-        online: dict = {}
-        qrec = apply_quantize(model, online, None, weights={"bits": 8}, activations={"bits": 8})
-        apply_quantize_states(model, online, bits=4)
+        model, online, qrec = _weight_quantized(model_factory, config_factory, fam, bits=8)
         before = _params(model)
         rec = apply_reconstruct(model, online, windows=ids, epochs=1, lr=1e-3, restore_worse=False,
                                 weight_specs=qrec["tensors"] if regrid else None)
@@ -322,10 +329,7 @@ def test_quantized_weights_train_on_their_grid(model_factory, config_factory, fa
     lowers is the loss of the weights it keeps); without, the float weight leaves it after one step."""
     seen = {}
     for regrid in (False, True):
-        model = model_factory(config_factory(fam))
-        online: dict = {}
-        qrec = apply_quantize(model, online, None, weights={"bits": 4}, activations={"bits": 8})
-        apply_quantize_states(model, online, bits=4)
+        model, online, qrec = _weight_quantized(model_factory, config_factory, fam, bits=4)
         linear = model.mixers[0].x_proj if fam == "mamba1" else model.mixers[0].in_proj
         spec = qrec["tensors"][f"backbone.layers.0.mixer.{'x_proj' if fam == 'mamba1' else 'in_proj'}.weight"]
         on_grid = []

@@ -321,9 +321,8 @@ def _train_block(model: MambaLMHeadModel, block: Block, params: Rows,
     """AdamW on the rows of ``params``. A parameter named in ``grids`` (its weight-quantization
     spec) is trained quantization-aware: each step runs forward and backward with the weight on its
     grid and applies the gradient to a float copy (straight-through), so the loss training lowers
-    is the loss of the weights that are kept. Without it, training moves the float weights by less
-    than a grid step and the final re-gridding undoes or overshoots what it learned: on the
-    Mamba-1 reference model with W8 weights the block loss then rose after ESR (docs/results.md)."""
+    is the loss of the weights that are kept (training in float and re-gridding afterwards measured
+    slightly worse: docs/results.md)."""
     grids = grids or {}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     hooks = []
