@@ -320,10 +320,11 @@ def _run_recipe(net, ckpt, rec, samples, seqlen, calib_data, data_dir, quiet: bo
 
 
 def _synced_clock() -> float:
-    """perf_counter after the GPU's queued work is done, so a stage's time includes its kernels."""
+    """perf_counter after the GPU's queued work is done, so a stage's time includes its kernels (a
+    run that never touched CUDA has nothing queued: no context is created just to wait)."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
 

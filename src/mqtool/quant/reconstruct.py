@@ -580,9 +580,8 @@ def apply_reconstruct(
         grids = {name: weight_specs[f"backbone.layers.{i}.{name}"] for name in params[i]
                  if f"backbone.layers.{i}.{name}" in weight_specs}
         _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device, grids)
-        for name, (p, _) in params[i].items():
-            if f"backbone.layers.{i}.{name}" in weight_specs:
-                _regrid(p, weight_specs[f"backbone.layers.{i}.{name}"])
+        for name, spec in grids.items():
+            _regrid(params[i][name][0], spec)
         after = _block_loss(block, *fit, batch_size, device)
         check_after = _block_loss(block, *check, batch_size, device) if n_check else after
         rec = {"block": i, "loss_before": before, "loss_after": after,
