@@ -16,6 +16,7 @@ from mqtool.cli._common import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    _dtype,
     _load,
     _load_integer,
     _progress,
@@ -50,6 +51,11 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Run the exported linears on the integer kernels "
                                           "(an `mqtool export` checkpoint with 8-bit activations).")] = False,
+    runtime: Annotated[bool, typer.Option("--runtime", help="Score token by token through the decode runtime "
+                                          "(its state cache in stored form: codes + scales when the states "
+                                          "are quantized); implies --mode recurrent.")] = False,
+    state_dtype: Annotated[StateDType | None, typer.Option(help="With --runtime: the dtype of an unquantized "
+                                                          "state cache (default: the model's dtype).")] = None,
 ) -> None:
     """Perplexity, GPTQ-style: non-overlapping windows, mean NLL over every predicted token."""
     from mqtool.data import eval_tokens, eval_windows, load_tokenizer
@@ -62,7 +68,13 @@ def eval_cmd(
     tok = load_tokenizer(ckpt.path, data_dir)
     run_mode = mode.value
     if run_mode == "auto":
-        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") else "parallel"
+        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") or runtime else "parallel"
+    if runtime:
+        from mqtool.runtime import Runtime
+
+        if run_mode != "recurrent":
+            raise MqtoolError("--runtime scores token by token: use --mode recurrent (or auto)")
+        net = Runtime(net, state_dtype=None if state_dtype is None else _dtype(DType(state_dtype.value)))
     results = {}
     for task in task_list:
         ids = eval_tokens(_task_spec(task), tok, seqlen, data_dir)
@@ -146,41 +158,105 @@ def zeroshot(
                                          "results": {k: r.to_dict() for k, r in results.items()}}, indent=2) + "\n")
 
 
+class StateDType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MqtoolError(f"{name} takes comma-separated positive integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise MqtoolError(f"{name} takes comma-separated positive integers, got {text!r}")
+    return vals
+
+
 def bench(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory, hub repo id, or `demo`.")],
-    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 1,
-    prompt_len: Annotated[int, typer.Option(min=1, help="Prefill tokens per sequence.")] = 512,
+    models: Annotated[list[str], typer.Argument(help="Checkpoint directories (or hub ids, `demo`), timed in turn.")],
+    batch: Annotated[str, typer.Option(help="Batch sizes to sweep, comma-separated (e.g. 1,8,64,128).")] = "1",
+    prompt_len: Annotated[str, typer.Option(help="Prompt lengths to sweep, comma-separated.")] = "512",
     gen_len: Annotated[int, typer.Option(min=1, help="Decode steps (one token per sequence each).")] = 128,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Integer kernels (exported "
                                           "checkpoints) or the simulated model.")] = False,
+    state_dtype: Annotated[StateDType | None, typer.Option(help="dtype of an unquantized state cache "
+                                                          "(default: the model's, as mamba-ssm keeps it).")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also time mamba-ssm's "
+                                           "generate(cg=True) on the same shape and dtype (CUDA, when "
+                                           "mamba-ssm is installed) and report ratios to it.")] = True,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of the sweep here (needs matplotlib).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
 ) -> None:
-    """Time prefill and decode on random tokens (no data needed); report memory and weight bytes."""
-    from mqtool.runtime import benchmark
+    """Time prefill and decode through the generation runtime on random tokens (no data needed),
+    over a sweep of batch sizes and prompt lengths, beside mamba-ssm's generate; report tokens/s,
+    weight, state-cache (real bytes: codes and scales) and peak memory, and the ratio to the baseline."""
+    import torch
 
-    net, _ = (_load_integer if kernels else _load)(model, dtype, device)
-    res = {"model": model, **benchmark(net, batch=batch, prompt_len=prompt_len, gen_len=gen_len)}
+    from mqtool.runtime import benchmark, mamba_ssm_baseline, plot_sweep
+
+    batches, prompts = _ints(batch, "--batch"), _ints(prompt_len, "--prompt-len")
+    if plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MqtoolError("--plot needs matplotlib (pip install matplotlib)")
+        if not plot.parent.is_dir():
+            raise MqtoolError(f"--plot: directory {plot.parent} does not exist")
+    sdt = None if state_dtype is None else _dtype(DType(state_dtype.value))
+    rows: list[dict] = []
+    configs = {}
+    for spec in models:
+        net, ckpt = (_load_integer if kernels else _load)(spec, dtype, device)
+        for p_len in prompts:
+            for b in batches:
+                rows.append({"model": spec, **benchmark(net, batch=b, prompt_len=p_len, gen_len=gen_len,
+                                                        state_dtype=sdt)})
+                if not json_out:
+                    err.print(f"{spec}: batch {b}, prompt {p_len}: {rows[-1]['decode_ms_per_step']:.2f} ms/step")
+        dev = net.backbone.embedding.weight.device
+        configs.setdefault(net.config.layer, net.config)  # the baseline's shape: the first of each family
+        del net
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    base_rows: dict[tuple[str, int, int], dict] = {}
+    if baseline:
+        for layer, cfg in configs.items():
+            for p_len in prompts:
+                for b in batches:
+                    res = mamba_ssm_baseline(cfg, _dtype(dtype), dev, b, p_len, gen_len)
+                    if res is not None:
+                        base_rows[(layer, b, p_len)] = {"model": "mamba-ssm", **res}
+    for r in rows:
+        base = base_rows.get((r["layer"], r["batch"], r["prompt_len"]))
+        if base is not None:
+            r["decode_speedup_vs_mamba_ssm"] = base["decode_ms_per_step"] / r["decode_ms_per_step"]
+            r["prefill_speedup_vs_mamba_ssm"] = base["prefill_seconds"] / r["prefill_seconds"]
+            r["peak_memory_ratio_vs_mamba_ssm"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+    all_rows = list(base_rows.values()) + rows
+    if plot is not None:
+        plot_sweep(all_rows, str(plot))
     if json_out:
-        print(json.dumps(res, indent=2))
+        print(json.dumps({"rows": all_rows}, indent=2))
         return
-    backend = res["kernel_backend"] or "simulated"
-    table = Table(title=f"{model}  ({res['layer']}, {res['dtype']}, {res['device']}, {backend})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    mib = 2**20
-    for label, value in (
-        (f"prefill {batch} x {prompt_len}", f"{res['prefill_seconds'] * 1000:.1f} ms, "
-                                            f"{res['prefill_tokens_per_s']:,.0f} tok/s"),
-        (f"decode {gen_len} steps", f"{res['decode_ms_per_step']:.2f} ms/step, "
-                                    f"{res['decode_tokens_per_s']:,.0f} tok/s"),
-        ("weights", f"{res['weight_bytes'] / mib:.2f} MiB"),
-        ("state cache", f"{res['state_cache_bytes'] / mib:.3f} MiB"),
-        (f"peak memory ({res['peak_memory_kind']})", f"{res['peak_memory_bytes'] / mib:.2f} MiB"),
-    ):
-        table.add_row(label, value)
+    gib = 2**30
+    table = Table(title=f"bench ({dtype.value}, {all_rows[0]['device']}, {gen_len} decode steps)")
+    for col in ("model", "state", "batch", "prompt", "prefill ms", "decode ms/step", "decode tok/s",
+                "weights GiB", "state cache GiB", "peak GiB", "decode x", "peak x"):
+        table.add_column(col, justify="left" if col in ("model", "state") else "right")
+    for r in all_rows:
+        table.add_row(str(r["model"]), r["state_format"], str(r["batch"]), str(r["prompt_len"]),
+                      f"{r['prefill_seconds'] * 1000:.1f}", f"{r['decode_ms_per_step']:.2f}",
+                      f"{r['decode_tokens_per_s']:,.0f}", f"{r['weight_bytes'] / gib:.3f}",
+                      f"{r['state_cache_bytes'] / gib:.3f}", f"{r['peak_memory_bytes'] / gib:.3f}",
+                      f"{r['decode_speedup_vs_mamba_ssm']:.2f}" if "decode_speedup_vs_mamba_ssm" in r else "",
+                      f"{r['peak_memory_ratio_vs_mamba_ssm']:.2f}" if "peak_memory_ratio_vs_mamba_ssm" in r else "")
     out.print(table)
+    if not base_rows and baseline:
+        err.print("no baseline: mamba-ssm is not installed or the device is not CUDA")
 
 
 def compare(

@@ -1,0 +1,168 @@
+"""The decode runtime's state cache: per layer the conv window and the SSM state in its stored form.
+
+A state is ``[b, H, P, N]`` (Mamba-2) or ``[b, d_inner, N]`` (Mamba-1). Its stored form is one of
+
+* float (``bits == 16``) in a chosen dtype: the model's (as mamba-ssm's generate keeps it) or fp32
+  (as the accuracy reference and vLLM's fp32 SSM cache keep it);
+* int8 codes (5..8 bits), one a byte, or packed int4 codes (2..4 bits), two a byte along the state
+  axis (low nibble = even state index), with the state quantizer's two fp32 scale factors
+  ``scale_channel [..., P, 1]`` and ``scale_state [..., 1, N]``. These are the only copy of the
+  state: nothing keeps a float state beside them.
+
+`read` / `write` are the plain-PyTorch reference of the fused kernels: dequantize with
+``q * (scale_channel * scale_state)`` and quantize with `mqtool.quant.states.quantize_state_int`,
+the very operations the simulated model's fake quantizer runs, so the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mqtool.errors import MqtoolError
+from mqtool.quant.states import StateQuantizer, quantize_state_int
+
+__all__ = ["LayerCache", "StateCache", "StateFormat", "pack_int4", "state_format_of", "unpack_int4"]
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 codes in [-8, 7] ``[..., N]`` (N even) -> uint8 ``[..., N // 2]``, low nibble = even index."""
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4` (sign-extends each nibble) -> int8 ``[..., 2 * M]``."""
+    lo = (p & 0xF).to(torch.int8)
+    hi = (p >> 4).to(torch.int8)
+    lo = torch.where(lo > 7, lo - 16, lo)
+    hi = torch.where(hi > 7, hi - 16, hi)
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+@dataclass(frozen=True)
+class StateFormat:
+    """How the SSM state is stored: ``bits == 16`` is a float state of ``dtype``; otherwise codes
+    with the state quantizer's ``method`` / ``channel_scale`` (packed two a byte when ``bits <= 4``)."""
+
+    bits: int = 16
+    dtype: torch.dtype = torch.float32
+    method: str = "dsq"
+    channel_scale: str = "abs.mean.sqrt"
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def packed(self) -> bool:
+        return self.bits <= 4
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return str(self.dtype).removeprefix("torch.")
+        form = "int4 packed" if self.packed else "int8"
+        return f"H{self.bits} {self.method} ({form})"
+
+
+def state_format_of(model: nn.Module, state_dtype: torch.dtype | None = None) -> StateFormat:
+    """The stored form a model's state quantizer implies (all layers must agree); without one, a
+    float state of ``state_dtype`` (default: the model's dtype)."""
+    quantizers = {m.state_quantizer.to_dict().__repr__(): m.state_quantizer for m in model.mixers
+                  if isinstance(m.state_quantizer, StateQuantizer) and m.state_quantizer.bits < 16}
+    if len(quantizers) > 1:
+        raise MqtoolError("the runtime needs one state quantizer for every layer; this model has several")
+    if quantizers:
+        sq = next(iter(quantizers.values()))
+        if state_dtype is not None:
+            raise MqtoolError(f"the state is quantized to {sq.bits} bits: --state-dtype does not apply")
+        return StateFormat(sq.bits, torch.float32, sq.method, sq.channel_scale)
+    dtype = state_dtype or model.backbone.embedding.weight.dtype
+    return StateFormat(16, dtype)
+
+
+class LayerCache:
+    """One layer's cache: ``conv [b, conv_dim, d_conv]`` and the state in its stored form."""
+
+    def __init__(self, conv: Tensor, state_shape: tuple[int, ...], fmt: StateFormat) -> None:
+        self.conv, self.fmt, self.state_shape = conv, fmt, state_shape
+        device = conv.device
+        if not fmt.quantized:
+            self.state = torch.zeros(state_shape, dtype=fmt.dtype, device=device)
+            self.scale_channel = self.scale_state = None
+            return
+        n = state_shape[-1]
+        if fmt.packed and n % 2:
+            raise MqtoolError(f"packed int4 states need an even state size, got {n}")
+        stored = (*state_shape[:-1], n // 2) if fmt.packed else state_shape
+        self.state = torch.zeros(stored, dtype=torch.uint8 if fmt.packed else torch.int8, device=device)
+        self.scale_channel = torch.zeros((*state_shape[:-1], 1), dtype=torch.float32, device=device)
+        self.scale_state = torch.zeros((*state_shape[:-2], 1, n), dtype=torch.float32, device=device)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Every tensor of the cache (zeroing all of them empties it: codes 0 dequantize to 0)."""
+        yield self.conv
+        yield self.state
+        if self.scale_channel is not None:
+            yield self.scale_channel
+            yield self.scale_state
+
+    def codes(self) -> Tensor:
+        """The integer codes, one int8 a value (unpacked)."""
+        return unpack_int4(self.state) if self.fmt.packed else self.state
+
+    def read(self) -> Tensor:
+        """The state as fp32 (dequantized where stored as codes)."""
+        if not self.fmt.quantized:
+            return self.state.float()
+        return self.codes().float() * (self.scale_channel * self.scale_state)
+
+    def write(self, h: Tensor) -> None:
+        """Store fp32 state ``h`` (quantized with dynamic scales where the format says so)."""
+        if not self.fmt.quantized:
+            self.state.copy_(h)
+            return
+        q, s_c, s_s = quantize_state_int(h, self.fmt.bits, self.fmt.method, self.fmt.channel_scale)
+        self.state.copy_(pack_int4(q) if self.fmt.packed else q)
+        self.scale_channel.copy_(s_c)
+        self.scale_state.copy_(s_s)
+
+    def nbytes(self) -> dict[str, int]:
+        def size(t: Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        return {"conv": size(self.conv), "state": size(self.state),
+                "scales": size(self.scale_channel) + size(self.scale_state)}
+
+
+class StateCache:
+    """Every layer's :class:`LayerCache`; ``layers[i]`` iterates over that layer's tensors."""
+
+    def __init__(self, layers: list[LayerCache], fmt: StateFormat) -> None:
+        self.layers, self.fmt = layers, fmt
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def nbytes(self) -> dict[str, int]:
+        """Real bytes held: conv windows, state codes (or floats), state scales, and their total."""
+        out = {"conv": 0, "state": 0, "scales": 0}
+        for layer in self.layers:
+            for k, v in layer.nbytes().items():
+                out[k] += v
+        out["total"] = sum(out.values())
+        return out
+
+    @classmethod
+    def allocate(cls, model: nn.Module, batch: int, fmt: StateFormat) -> StateCache:
+        p = model.backbone.embedding.weight
+        layers = []
+        for m in model.mixers:
+            conv, ssm = m.allocate_cache(batch, p.device, p.dtype)
+            shape = tuple(ssm.shape)
+            del ssm  # only its shape: the stored form is the format's
+            layers.append(LayerCache(conv, shape, fmt))
+        return cls(layers, fmt)

@@ -1,0 +1,189 @@
+"""The decode step: one token per sequence through every layer, reading and writing a
+:class:`~mqtool.runtime.cache.StateCache`.
+
+Each piece runs the fastest implementation that computes what the simulated model computes:
+
+* mamba-ssm's fused kernels where they are installed, the tensors are on CUDA and the attachment
+  point they would skip is plain (a quantizer or S-SiLU attached there forces the PyTorch path):
+  residual add + RMSNorm (`rms_norm_fn`), `causal_conv1d_update` (conv + SiLU),
+  `selective_state_update` (float states; dt bias, softplus, D and Mamba-1's gate fused) and the
+  gated RMSNorm (`rmsnorm_fn`);
+* mqtool's Triton kernels for quantized states (codes in, codes out, one launch);
+* otherwise the plain-PyTorch reference: the simulated model's own modules and
+  `scan.mamba{1,2}_step` on the dequantized state, then `LayerCache.write`.
+
+Every linear is called as the model's module, so whatever is attached to it (activation
+quantizers, online Hadamards, integer kernels) runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mqtool.models import scan
+from mqtool.models.layers import RMSNorm, causal_conv1d_step
+from mqtool.runtime.cache import LayerCache, StateCache
+
+__all__ = ["fused_ops", "model_step"]
+
+
+@functools.lru_cache(maxsize=1)
+def fused_ops() -> dict[str, Any]:
+    """mamba-ssm / causal-conv1d's fused decode pieces that import here ({} without them, or with
+    ``MQTOOL_NO_MAMBA_SSM=1``)."""
+    if os.environ.get("MQTOOL_NO_MAMBA_SSM") == "1" or not torch.cuda.is_available():
+        return {}
+    ops: dict[str, Any] = {}
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        ops["selective_state_update"] = selective_state_update
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        pass
+    try:
+        from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+        ops["rms_norm_fn"] = rms_norm_fn
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+        ops["rmsnorm_gated_fn"] = rmsnorm_fn
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from causal_conv1d import causal_conv1d_update
+
+        ops["causal_conv1d_update"] = causal_conv1d_update
+    except Exception:  # noqa: BLE001
+        pass
+    return ops
+
+
+def _plain(*modules: nn.Module) -> bool:
+    return all(isinstance(m, nn.Identity) for m in modules)
+
+
+def _use(name: str, t: Tensor) -> Any:
+    return fused_ops().get(name) if t.is_cuda else None
+
+
+def _quant_kernel(lc: LayerCache, family: str) -> Any:
+    """mqtool's fused quantized-state step for this cache, when it runs here (CUDA + Triton)."""
+    if not lc.fmt.quantized or not lc.state.is_cuda or os.environ.get("MQTOOL_FUSED_STATE") == "0":
+        return None
+    from mqtool import kernels
+
+    if not kernels.HAS_TRITON:
+        return None
+    if family == "Mamba2":
+        return kernels.state_update
+    return getattr(kernels, "state_update_mamba1", None)
+
+
+def _conv(mixer: nn.Module, lc: LayerCache, xin: Tensor) -> Tensor:
+    """conv window update + conv output through `conv_act`."""
+    upd = _use("causal_conv1d_update", xin)
+    if upd is not None and type(mixer.conv_act) is nn.SiLU:
+        w = mixer.conv1d.weight.squeeze(1)
+        return upd(xin.to(lc.conv.dtype), lc.conv, w, mixer.conv1d.bias, "silu")
+    return mixer.conv_act(causal_conv1d_step(lc.conv, xin.to(lc.conv.dtype), mixer.conv1d.weight, mixer.conv1d.bias))
+
+
+def mamba2_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
+    z, xBC, dt = mixer._split(mixer.in_proj(hidden))
+    xBC = _conv(mixer, lc, xBC).to(hidden.dtype)
+    b = hidden.shape[0]
+    A, D = mixer._A(), mixer._D()
+    ssu = _use("selective_state_update", hidden)
+    plain_inputs = _plain(mixer.ssm_x, mixer.ssm_dt, mixer.ssm_B, mixer.ssm_C)
+    if (ssu is not None and not lc.fmt.quantized and plain_inputs and mixer.dt_limit == (0.0, float("inf"))):
+        # mamba-ssm's Mamba2.step: dt bias, softplus and D fused; per-head values broadcast over P, N
+        gn = mixer.ngroups * mixer.d_state
+        x, B, C = torch.split(xBC, [mixer.d_inner, gn, gn], dim=-1)
+        h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
+        x = x.view(b, h, p)
+        B, C = B.view(b, mixer.ngroups, n), C.view(b, mixer.ngroups, n)
+        dt_e = dt.unsqueeze(-1).expand(b, h, p)
+        A_e = A[:, None, None].expand(h, p, n)
+        dtb = mixer.dt_bias[:, None].expand(h, p)
+        D_e = D if D.dim() == 2 else D[:, None].expand(h, p)
+        y = ssu(lc.state, x, dt_e, A_e, B, C, D_e, z=None, dt_bias=dtb, dt_softplus=True)
+    else:
+        x, delta, B, C = mixer._ssm_inputs(xBC, dt)
+        kernel = _quant_kernel(lc, "Mamba2")
+        if kernel is not None:
+            y = kernel(lc.state, x, delta, A, B, C, D, lc.scale_channel, lc.scale_state, bits=lc.fmt.bits,
+                       channel_stat=lc.fmt.channel_scale, method=lc.fmt.method)
+        else:
+            y, h_new = scan.mamba2_step(lc.read(), x, delta, A, B, C, D)
+            lc.write(h_new)
+    y = y.reshape(b, mixer.d_inner)
+    norm = mixer.norm
+    gated = _use("rmsnorm_gated_fn", hidden)
+    if gated is not None and _plain(mixer.ssm_y) and type(norm.gate_act) is nn.SiLU:
+        y = gated(y.to(hidden.dtype), norm.weight, None, z=z, eps=norm.eps, group_size=norm.group_size,
+                  norm_before_gate=False)
+    else:
+        y = norm(mixer.ssm_y(y), z)
+    return mixer.out_proj(y.to(hidden.dtype))
+
+
+def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
+    x, z = mixer.in_proj(hidden).chunk(2, dim=-1)
+    x = _conv(mixer, lc, x).to(hidden.dtype)
+    A = mixer._A()
+    ssu = _use("selective_state_update", hidden)
+    fast_gate = _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
+    if ssu is not None and not lc.fmt.quantized and fast_gate and _plain(mixer.ssm_x, mixer.ssm_B, mixer.ssm_C,
+                                                                           mixer.ssm_dt):
+        x_dbl = mixer.x_proj(x)
+        dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+        dt = mixer.dt_proj(dt)  # bias included; softplus fused below
+        y = ssu(lc.state, x, dt, A, B, C, mixer.D, z=z, dt_bias=None, dt_softplus=True)
+        return mixer.out_proj(y.to(hidden.dtype))
+    u, delta, B, C = mixer._ssm_inputs(x)
+    kernel = _quant_kernel(lc, "Mamba1")
+    if kernel is not None:
+        y = kernel(lc.state, u, delta, A, B, C, mixer.D, scale_channel=lc.scale_channel,
+                   scale_state=lc.scale_state, bits=lc.fmt.bits, channel_stat=lc.fmt.channel_scale,
+                   method=lc.fmt.method)
+    else:
+        y, h_new = scan.mamba1_step(lc.read(), u, delta, A, B, C, mixer.D)
+        lc.write(h_new)
+    y = (mixer.ssm_y(y) * mixer.gate_act(z.float())).to(hidden.dtype)
+    return mixer.out_proj(y)
+
+
+def _add_norm(norm: nn.Module, hidden: Tensor, residual: Tensor | None, residual_in_fp32: bool,
+              ) -> tuple[Tensor, Tensor]:
+    """residual += hidden; normed = norm(residual) (mamba-ssm's fused add + RMSNorm where it runs)."""
+    fn = _use("rms_norm_fn", hidden)
+    if fn is not None and type(norm) is RMSNorm:
+        out, res = fn(hidden, norm.weight, None, residual=residual, prenorm=True,
+                      residual_in_fp32=residual_in_fp32, eps=norm.eps)
+        return out, res
+    residual = hidden if residual is None else residual + hidden
+    if residual_in_fp32:
+        residual = residual.float()
+    return norm(residual.to(norm.weight.dtype)), residual
+
+
+@torch.inference_mode()
+def model_step(model: nn.Module, input_ids: Tensor, cache: StateCache) -> Tensor:
+    """One token per sequence: ``input_ids [b]`` -> logits ``[b, padded_vocab]``; updates ``cache``."""
+    step = mamba2_step if model.config.layer == "Mamba2" else mamba1_step
+    hidden, residual = model.backbone.embedding(input_ids), None
+    for layer, lc in zip(model.backbone.layers, cache.layers, strict=True):
+        normed, residual = _add_norm(layer.norm, hidden, residual, layer.residual_in_fp32)
+        hidden = step(layer.mixer, normed, lc)
+    normed, _ = _add_norm(model.backbone.norm_f, hidden, residual, model.config.residual_in_fp32)
+    return model.lm_head(normed)
+
+

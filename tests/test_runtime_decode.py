@@ -1,0 +1,99 @@
+"""The decode runtime (mqtool.runtime: cache, step, generate) against the simulated model.
+
+On CPU the runtime runs its plain-PyTorch reference path: dequantize the stored codes, step,
+quantize back with the simulated quantizer's own function. Its logits must equal the simulated
+recurrent model's (the one `mqtool eval --mode recurrent` scores) to fp32 rounding, for both
+families and every state method, and its cache must hold only codes and scales.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config, make_model
+from mqtool.models.lm import generate
+from mqtool.quant.states import StateQuantizer
+from mqtool.runtime import Runtime, StateFormat, pack_int4, unpack_int4
+from mqtool.runtime.cache import StateCache
+
+FAMILIES = ("mamba1", "mamba2", "mamba2_g2")
+STATE_METHODS = [None, ("dsq", 8), ("dsq", 4), ("per-channel", 4), ("per-state", 6), ("per-tensor", 4),
+                 ("dsq", 3)]
+
+
+def _model(family: str, state: tuple[str, int] | None):
+    model = make_model(make_config(family, d_model=32, n_layer=2)).eval()
+    if state is not None:
+        for m in model.mixers:
+            m.state_quantizer = StateQuantizer(state[1], state[0], "abs.max")
+    return model
+
+
+def test_pack_int4_round_trips_every_code():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    p = pack_int4(q)
+    assert p.dtype == torch.uint8 and p.shape == (3, 16)
+    assert torch.equal(unpack_int4(p), q)
+    assert int(p[0, 0]) == (0x8 | (0x9 << 4))  # -8 -> 0x8 in the low nibble, -7 -> 0x9 in the high
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("state", STATE_METHODS, ids=lambda s: "fp32" if s is None else f"{s[0]}-h{s[1]}")
+def test_runtime_logits_equal_simulated_recurrent(family, state):
+    torch.manual_seed(0)
+    model = _model(family, state)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    with torch.inference_mode():
+        sim = model(ids, mode="recurrent")
+        rt = Runtime(model, state_dtype=None if state else torch.float32)
+        got = rt(ids)
+    assert rt.fmt.quantized == (state is not None)
+    torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_generate_equals_simulated_generate(family):
+    torch.manual_seed(1)
+    model = _model(family, ("dsq", 4))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    want = generate(model, ids, 6)
+    got = Runtime(model).generate(ids, 6)
+    assert torch.equal(got, want)
+
+
+def test_prefill_stores_exactly_the_simulated_quantized_state():
+    torch.manual_seed(2)
+    model = _model("mamba2", ("dsq", 4))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    sim_cache = model.allocate_cache(2)
+    with torch.inference_mode():
+        model(ids, mode="parallel", cache=sim_cache)
+        rt = Runtime(model)
+        cache = rt.allocate_cache(2)
+        rt.prefill(ids, cache)
+    for (conv, h_sim), lc in zip(sim_cache.layers, cache.layers, strict=True):
+        assert torch.equal(lc.conv, conv)
+        assert torch.equal(lc.read(), h_sim)  # dequantized codes == the simulated fake-quantized state
+
+
+@pytest.mark.parametrize("bits,code_bytes", [(4, 0.5), (8, 1.0)])
+def test_quantized_cache_holds_codes_and_scales_only(bits, code_bytes):
+    model = _model("mamba2", ("dsq", bits))
+    cache = StateCache.allocate(model, 3, Runtime(model).fmt)
+    m = model.mixers[0]
+    values = 3 * m.nheads * m.headdim * m.d_state
+    nb = cache.nbytes()
+    assert nb["state"] == len(model.mixers) * values * code_bytes
+    assert nb["scales"] == len(model.mixers) * 3 * m.nheads * (m.headdim + m.d_state) * 4
+    lc = cache.layers[0]
+    assert lc.state.dtype == (torch.uint8 if bits <= 4 else torch.int8)
+    assert {t.dtype for t in lc} <= {torch.float32, torch.int8, torch.uint8}
+
+
+def test_float_state_dtype_is_a_choice():
+    model = _model("mamba1", None).to(torch.bfloat16)
+    assert Runtime(model).fmt == StateFormat(16, torch.bfloat16)
+    assert Runtime(model, state_dtype=torch.float32).fmt.dtype == torch.float32
+    with pytest.raises(Exception, match="does not apply"):
+        Runtime(_model("mamba1", ("dsq", 4)), state_dtype=torch.float32)
