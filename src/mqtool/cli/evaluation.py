@@ -215,8 +215,9 @@ def bench(
             for b in batches:
                 rows.append({"model": spec, **benchmark(net, batch=b, prompt_len=p_len, gen_len=gen_len,
                                                         state_dtype=sdt)})
-                if not json_out:
-                    err.print(f"{spec}: batch {b}, prompt {p_len}: {rows[-1]['decode_ms_per_step']:.2f} ms/step")
+                err.print(f"{spec} [{rows[-1]['state_format']}]: batch {b}, prompt {p_len}: prefill "
+                          f"{rows[-1]['prefill_seconds'] * 1000:.1f} ms, decode {rows[-1]['decode_ms_per_step']:.2f} "
+                          f"ms/step, peak {rows[-1]['peak_memory_bytes'] / 2**30:.2f} GiB")
         dev = net.backbone.embedding.weight.device
         configs.setdefault(net.config.layer, net.config)  # the baseline's shape: the first of each family
         del net
@@ -230,6 +231,9 @@ def bench(
                     res = mamba_ssm_baseline(cfg, _dtype(dtype), dev, b, p_len, gen_len)
                     if res is not None:
                         base_rows[(layer, b, p_len)] = {"model": "mamba-ssm", **res}
+                        err.print(f"mamba-ssm {layer}: batch {b}, prompt {p_len}: prefill "
+                                  f"{res['prefill_seconds'] * 1000:.1f} ms, decode {res['decode_ms_per_step']:.2f} "
+                                  f"ms/step, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
     for r in rows:
         base = base_rows.get((r["layer"], r["batch"], r["prompt_len"]))
         if base is not None:
