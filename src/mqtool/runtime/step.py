@@ -82,6 +82,8 @@ def _quant_kernel(lc: LayerCache, family: str) -> Any:
 
     if not kernels.HAS_TRITON:
         return None
+    if lc.fmt.packed and not hasattr(kernels, "pack_int4"):  # kernels without packed-int4 states
+        return None
     if family == "Mamba2":
         return kernels.state_update
     return getattr(kernels, "state_update_mamba1", None)
