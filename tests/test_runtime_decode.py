@@ -119,3 +119,30 @@ def test_runtime_on_cuda_matches_the_cpu_reference(family, state):
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 2e-3, rel  # codes may differ by one where h / step lands on a tie; TF32 off
     assert (gen_cpu == gen_gpu).float().mean() > 0.9
+
+
+def test_cli_bench_sweeps_plots_and_reports_cache_bytes(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from helpers import run_cli
+
+    fp, h4 = tmp_path / "fp", tmp_path / "h4"
+    assert run_cli(capsys, "init", "tiny-mamba2", "-o", str(fp))[0] == 0
+    assert run_cli(capsys, "quantize-states", str(fp), "--bits", "4", "-o", str(h4))[0] == 0
+    png = tmp_path / "sweep.png"
+    code, out, err = run_cli(capsys, "bench", str(fp), str(h4), "--batch", "1,2", "--prompt-len", "4",
+                             "--gen-len", "2", "--device", "cpu", "--plot", str(png), "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [(str(fp), 1), (str(fp), 2), (str(h4), 1), (str(h4), 2)]
+    by = {(r["model"], r["batch"]): r for r in rows}
+    # the packed int4 codes take a quarter of the bytes of the fp32 state
+    assert by[(str(h4), 2)]["state_bytes"] < by[(str(fp), 2)]["state_bytes"] / 4 * 1.5
+    assert by[(str(h4), 2)]["state_format"].startswith("H4 dsq")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 500 and im.size[1] > 200
+    code, _, err = run_cli(capsys, "bench", str(fp), "--batch", "1,x", "--device", "cpu")
+    assert code != 0 and "--batch" in err
