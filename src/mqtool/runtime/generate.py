@@ -90,16 +90,14 @@ class Runtime:
 
     def capture(self, cache: StateCache, tokens: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """One CUDA graph of a greedy step: reads `tokens`, writes the next ones into it. The
-        warm-up runs on a scratch cache (the real one is left as the prefill filled it)."""
+        warm-up steps run on `cache` itself (no second cache: that would add to peak memory), so
+        capture before the prefill, which overwrites every tensor of the cache."""
         vocab = self.config.vocab_size
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
-            scratch = self.allocate_cache(tokens.shape[0])
-            probe = tokens.clone()
             for _ in range(2):
-                probe.copy_(self.step(probe, scratch)[:, :vocab].argmax(-1))
-            del scratch
+                tokens.copy_(self.step(tokens, cache)[:, :vocab].argmax(-1))
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
