@@ -68,6 +68,9 @@ def _dtype(dtype: DType):
 
 @contextmanager
 def _progress(enabled: bool = True):
+    """A transient progress bar on stderr, and nothing at all where stderr is not a terminal: in a
+    pipe or a CI log rich cannot redraw a line, and a transient bar would leave a blank one."""
+    enabled = enabled and err.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True, disable=not enabled) as p:
         yield p
