@@ -255,7 +255,7 @@ def test_cli_eval_kernels_and_bench(capsys, tmp_path):
         code, out, err = run(capsys, "bench", str(exp_dir), flag, "--batch", "2", "--prompt-len", "6",
                              "--gen-len", "2", "--device", DEVICE, "--json")
         assert code == 0, err
-        res = json.loads(out)
+        res = json.loads(out)["rows"][0]
         assert res["kernels"] == (flag == "--kernels")
         for key in ("prefill_seconds", "prefill_tokens_per_s", "decode_seconds", "decode_ms_per_step",
                     "decode_tokens_per_s", "weight_bytes", "state_cache_bytes", "peak_memory_bytes"):
@@ -263,4 +263,4 @@ def test_cli_eval_kernels_and_bench(capsys, tmp_path):
     code, out, err = run(capsys, "bench", str(exp_dir), "--kernels", "--prompt-len", "4", "--gen-len", "1",
                          "--device", DEVICE)
     assert code == 0, err
-    assert "decode" in out and "peak memory" in out
+    assert "decode steps" in out  # the table (its columns may be cut to the terminal width)

@@ -103,15 +103,22 @@ def resolve(spec: str | Path) -> Path:
                           f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def _load_aligned(file: Path) -> dict[str, torch.Tensor]:
+    """safetensors >= 0.8 hands back zero-copy tensors at the file's (unaligned) offsets, and a
+    kernel may then round differently than on fresh memory: a reloaded model must compute bit for
+    bit what the saved one did, so every tensor gets memory of its own."""
+    return {k: v.clone() for k, v in load_file(file).items()}
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if (path / WEIGHTS).exists():
-            return load_file(path / WEIGHTS)
+            return _load_aligned(path / WEIGHTS)
         if (path / WEIGHTS_INDEX).exists():
             index = json.loads((path / WEIGHTS_INDEX).read_text())
             state: dict[str, torch.Tensor] = {}
             for shard in sorted(set(index["weight_map"].values())):
-                state.update(load_file(path / shard))
+                state.update(_load_aligned(path / shard))
             return state
         if (path / TORCH_WEIGHTS).exists():
             return torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
