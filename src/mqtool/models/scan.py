@@ -73,9 +73,12 @@ def mamba1_scan(
     return_states, every state [b, l, d, n] (for quantization-aware reconstruction)."""
     ops = mamba_ssm_ops()
     if ops is not None and u.is_cuda and h0 is None and not return_states:
+        # as mamba-ssm's own Mamba calls it: u, delta, B, C in one (the input) dtype, A and D fp32;
+        # the kernel refuses a delta of another dtype ("Expected delta.scalar_type() == input_type")
+        dt_ = u.dtype
         y, h_last = ops["selective_scan_fn"](
-            u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A.float().contiguous(),
-            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            u.transpose(1, 2).contiguous(), delta.to(dt_).transpose(1, 2).contiguous(), A.float().contiguous(),
+            B.to(dt_).transpose(1, 2).contiguous(), C.to(dt_).transpose(1, 2).contiguous(),
             None if D is None else D.float(), return_last_state=True,
         )
         return y.transpose(1, 2).float(), h_last.float()
