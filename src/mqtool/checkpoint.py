@@ -236,7 +236,7 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
         raise MqtoolError(f"{out} exists and is not a directory")
     if out.exists() and not force:
         raise MqtoolError(f"{out} exists; pass --force to overwrite it")
-    if out.exists() and not is_mqtool_output(out):
+    if out.exists() and any(out.iterdir()) and not is_mqtool_output(out):  # an empty one loses nothing
         raise MqtoolError(f"{out} is not an mqtool checkpoint; --force replaces only a directory mqtool wrote")
     parent = out.parent
     while not parent.exists():
