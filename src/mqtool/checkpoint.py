@@ -218,16 +218,38 @@ def checkpoint_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Fails early (before any work) when `out` exists without --force, or is one of the inputs."""
+def is_mqtool_output(path: Path) -> bool:
+    """A directory mqtool writes: a checkpoint (mqtool.json, or config.json with weights) or a calibration."""
+    names = set(os.listdir(path))
+    return (MANIFEST in names or ("config.json" in names and bool(names & {WEIGHTS, WEIGHTS_INDEX}))
+            or {"calib.json", "stats.safetensors"} <= names)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | None, ...] = ()) -> Path:
+    """Fails early (before any work) when `out` exists without --force, is not something mqtool wrote,
+    overlaps an input (equals, contains or lies inside one), or cannot be created."""
     out = Path(out).expanduser()
     for i in inputs:
-        if Path(i).exists() and out.exists() and out.resolve() == Path(i).resolve():
-            raise MqtoolError(f"{out} is this stage's input; a stage never modifies its input")
-    if out.exists() and not force:
-        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
+        if i is not None and Path(i).exists() and _overlaps(out, Path(i)):
+            raise MqtoolError(f"{out} overlaps this stage's input {i}; a stage never modifies its input")
     if out.exists() and not out.is_dir():
         raise MqtoolError(f"{out} exists and is not a directory")
+    if out.exists() and not force:
+        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and any(out.iterdir()) and not is_mqtool_output(out):  # an empty one loses nothing
+        raise MqtoolError(f"{out} is not an mqtool checkpoint; --force replaces only a directory mqtool wrote")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MqtoolError(f"cannot create {out}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MqtoolError(f"cannot create {out}: {parent} is not writable")
     return out
 
 
@@ -254,6 +276,12 @@ def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: in
     (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
                     tokenizer_path: Path | None = None, force: bool = False,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
@@ -272,6 +300,9 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        mode = 0o666 & ~_umask()
+        for f in tmp.iterdir():  # temp files are private; a checkpoint is ordinary files
+            f.chmod(mode)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

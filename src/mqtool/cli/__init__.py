@@ -58,7 +58,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except MqtoolError as e:
         print(f"error: {e}", file=sys.stderr)  # one line, never wrapped: scripts grep it
         sys.exit(2)
@@ -76,3 +76,6 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if rc == 130:  # typer turns Ctrl-C into a return code of 130 (and prints nothing)
+        print("interrupted", file=sys.stderr)
+    sys.exit(rc if isinstance(rc, int) else 0)
