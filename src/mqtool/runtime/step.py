@@ -23,10 +23,11 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mqtool.models import scan
-from mqtool.models.layers import RMSNorm, causal_conv1d_step
+from mqtool.models.layers import Linear, RMSNorm, causal_conv1d_step
 from mqtool.runtime.cache import LayerCache, StateCache
 
 __all__ = ["fused_ops", "model_step"]
@@ -143,12 +144,15 @@ def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
     A = mixer._A()
     ssu = _use("selective_state_update", hidden)
     fast_gate = _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
-    if ssu is not None and not lc.fmt.quantized and fast_gate and _plain(mixer.ssm_x, mixer.ssm_B, mixer.ssm_C,
-                                                                           mixer.ssm_dt):
+    dt_proj = mixer.dt_proj
+    plain_dt_proj = type(dt_proj) is Linear and _plain(dt_proj.input_transform, dt_proj.input_quantizer)
+    if (ssu is not None and not lc.fmt.quantized and fast_gate and plain_dt_proj
+            and _plain(mixer.ssm_x, mixer.ssm_B, mixer.ssm_C, mixer.ssm_dt)):
         x_dbl = mixer.x_proj(x)
         dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-        dt = mixer.dt_proj(dt)  # bias included; softplus fused below
-        y = ssu(lc.state, x, dt, A, B, C, mixer.D, z=z, dt_bias=None, dt_softplus=True)
+        # as mamba-ssm's Mamba.step: dt_proj's bias goes in as dt_bias (its kernel needs one), softplus fused
+        y = ssu(lc.state, x, F.linear(dt, dt_proj.weight), A, B, C, mixer.D, z=z, dt_bias=dt_proj.bias,
+                dt_softplus=True)
         return mixer.out_proj(y.to(hidden.dtype))
     u, delta, B, C = mixer._ssm_inputs(x)
     kernel = _quant_kernel(lc, "Mamba1")
