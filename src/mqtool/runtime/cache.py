@@ -23,24 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from mqtool.errors import MqtoolError
+from mqtool.quant.export import pack_int4, unpack_int4  # the export's packing: low nibble = even index
 from mqtool.quant.states import StateQuantizer, quantize_state_int
 
 __all__ = ["LayerCache", "StateCache", "StateFormat", "pack_int4", "state_format_of", "unpack_int4"]
-
-
-def pack_int4(q: Tensor) -> Tensor:
-    """int8 codes in [-8, 7] ``[..., N]`` (N even) -> uint8 ``[..., N // 2]``, low nibble = even index."""
-    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_int4(p: Tensor) -> Tensor:
-    """Inverse of :func:`pack_int4` (sign-extends each nibble) -> int8 ``[..., 2 * M]``."""
-    lo = (p & 0xF).to(torch.int8)
-    hi = (p >> 4).to(torch.int8)
-    lo = torch.where(lo > 7, lo - 16, lo)
-    hi = torch.where(hi > 7, hi - 16, hi)
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
 @dataclass(frozen=True)
@@ -71,12 +57,12 @@ class StateFormat:
 def state_format_of(model: nn.Module, state_dtype: torch.dtype | None = None) -> StateFormat:
     """The stored form a model's state quantizer implies (all layers must agree); without one, a
     float state of ``state_dtype`` (default: the model's dtype)."""
-    quantizers = {m.state_quantizer.to_dict().__repr__(): m.state_quantizer for m in model.mixers
-                  if isinstance(m.state_quantizer, StateQuantizer) and m.state_quantizer.bits < 16}
-    if len(quantizers) > 1:
+    quantizers = [m.state_quantizer for m in model.mixers
+                  if isinstance(m.state_quantizer, StateQuantizer) and m.state_quantizer.bits < 16]
+    if len({tuple(q.to_dict().items()) for q in quantizers}) > 1:
         raise MqtoolError("the runtime needs one state quantizer for every layer; this model has several")
     if quantizers:
-        sq = next(iter(quantizers.values()))
+        sq = quantizers[0]
         if state_dtype is not None:
             raise MqtoolError(f"the state is quantized to {sq.bits} bits: --state-dtype does not apply")
         return StateFormat(sq.bits, torch.float32, sq.method, sq.channel_scale)

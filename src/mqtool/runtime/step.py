@@ -8,7 +8,8 @@ Each piece runs the fastest implementation that computes what the simulated mode
   residual add + RMSNorm (`rms_norm_fn`), `causal_conv1d_update` (conv + SiLU),
   `selective_state_update` (float states; dt bias, softplus, D and Mamba-1's gate fused) and the
   gated RMSNorm (`rmsnorm_fn`);
-* mqtool's Triton kernels for quantized states (codes in, codes out, one launch);
+* mqtool's Triton kernel for Mamba-2 int8 codes (codes in, codes out, one launch); packed int4
+  and Mamba-1 codes have no fused kernel yet and run the reference below;
 * otherwise the plain-PyTorch reference: the simulated model's own modules and
   `scan.mamba{1,2}_step` on the dequantized state, then `LayerCache.write`.
 
@@ -75,19 +76,16 @@ def _use(name: str, t: Tensor) -> Any:
     return fused_ops().get(name) if t.is_cuda else None
 
 
-def _quant_kernel(lc: LayerCache, family: str) -> Any:
-    """mqtool's fused quantized-state step for this cache, when it runs here (CUDA + Triton)."""
+def _quant_kernel(lc: LayerCache) -> Any:
+    """mqtool's fused Mamba-2 quantized-state step for this cache, when it runs here (CUDA + Triton)."""
     if not lc.fmt.quantized or not lc.state.is_cuda or os.environ.get("MQTOOL_FUSED_STATE") == "0":
         return None
     from mqtool import kernels
 
     if not kernels.HAS_TRITON:
         return None
-    if lc.fmt.packed and not hasattr(kernels, "pack_int4"):  # kernels without packed-int4 states
-        return None
-    if family == "Mamba2":
-        return kernels.state_update
-    return getattr(kernels, "state_update_mamba1", None)
+    # the one fused kernel so far takes int8 codes; packed int4 runs the reference
+    return None if lc.fmt.packed else kernels.state_update
 
 
 def _conv(mixer: nn.Module, lc: LayerCache, xin: Tensor) -> Tensor:
@@ -120,7 +118,7 @@ def mamba2_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
         y = ssu(lc.state, x, dt_e, A_e, B, C, D_e, z=None, dt_bias=dtb, dt_softplus=True)
     else:
         x, delta, B, C = mixer._ssm_inputs(xBC, dt)
-        kernel = _quant_kernel(lc, "Mamba2")
+        kernel = _quant_kernel(lc)
         if kernel is not None:
             y = kernel(lc.state, x, delta, A, B, C, D, lc.scale_channel, lc.scale_state, bits=lc.fmt.bits,
                        channel_stat=lc.fmt.channel_scale, method=lc.fmt.method)
@@ -155,14 +153,8 @@ def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
                 dt_softplus=True)
         return mixer.out_proj(y.to(hidden.dtype))
     u, delta, B, C = mixer._ssm_inputs(x)
-    kernel = _quant_kernel(lc, "Mamba1")
-    if kernel is not None:
-        y = kernel(lc.state, u, delta, A, B, C, mixer.D, scale_channel=lc.scale_channel,
-                   scale_state=lc.scale_state, bits=lc.fmt.bits, channel_stat=lc.fmt.channel_scale,
-                   method=lc.fmt.method)
-    else:
-        y, h_new = scan.mamba1_step(lc.read(), u, delta, A, B, C, mixer.D)
-        lc.write(h_new)
+    y, h_new = scan.mamba1_step(lc.read(), u, delta, A, B, C, mixer.D)  # no fused Mamba-1 code kernel yet
+    lc.write(h_new)
     y = (mixer.ssm_y(y) * mixer.gate_act(z.float())).to(hidden.dtype)
     return mixer.out_proj(y)
 
