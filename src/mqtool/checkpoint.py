@@ -225,7 +225,8 @@ def is_mqtool_output(path: Path) -> bool:
             or {"calib.json", "stats.safetensors"} <= names)
 
 
-def _overlaps(a: Path, b: Path) -> bool:
+def paths_overlap(a: Path, b: Path) -> bool:
+    """Whether a equals b, contains it or lies inside it."""
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
 
@@ -235,7 +236,7 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
     overlaps an input (equals, contains or lies inside one), or cannot be created."""
     out = Path(out).expanduser()
     for i in inputs:
-        if i is not None and Path(i).exists() and _overlaps(out, Path(i)):
+        if i is not None and Path(i).exists() and paths_overlap(out, Path(i)):
             raise MqtoolError(f"{out} overlaps this stage's input {i}; a stage never modifies its input")
     if out.exists() and not out.is_dir():
         raise MqtoolError(f"{out} exists and is not a directory")

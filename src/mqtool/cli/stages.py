@@ -199,19 +199,15 @@ def reconstruct(
     force: ForceOpt = False,
 ) -> None:
     """Q-Mamba's ESR: block-wise reconstruction of the Δ, B, C projections against the FP model."""
-    import contextlib
-    import re
-
-    from mqtool.checkpoint import check_output_dir
+    from mqtool.checkpoint import check_output_dir, paths_overlap
     from mqtool.pipeline import weight_specs
+    from mqtool.quant.reconstruct import clear_state_dir
 
     check_output_dir(output, force, (_model_spec(model),))
     sdir = state_dir or output.parent / f"{output.name}.esr-state"
     for other in (_model_spec(model), output):
-        if Path(other).exists() or other == output:
-            o, d = Path(other).resolve(), sdir.resolve()
-            if o == d or o in d.parents or d in o.parents:
-                raise MqtoolError(f"--state-dir {sdir} overlaps {other}; give it a directory of its own")
+        if (Path(other).exists() or other == output) and paths_overlap(Path(other), sdir):
+            raise MqtoolError(f"--state-dir {sdir} overlaps {other}; give it a directory of its own")
     net, ckpt = _load(model, dtype, device)
     windows = _calib_windows(net, ckpt, calib_data, None, samples, seqlen, seed, data_dir)
     del net
@@ -231,12 +227,7 @@ def reconstruct(
                        None, force, dtype, device, windows=lambda: windows,
                        extra={"state_dir": sdir, "on_block": on_block,
                               "weight_specs": weight_specs(ckpt.manifest.stages)})
-    # remove only what ESR itself wrote there, and the directory only if that leaves it empty
-    for f in sdir.glob("*"):
-        if f.name == "esr.json" or re.fullmatch(r"(block|inputs)-\d{4}\.safetensors(\.tmp)?|esr\.json\.tmp", f.name):
-            f.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        sdir.rmdir()
+    clear_state_dir(sdir)
 
 
 def quantize(

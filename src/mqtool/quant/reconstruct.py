@@ -45,8 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -452,6 +453,17 @@ def _block_file(state_dir: Path, i: int) -> Path:
 
 def _inputs_file(state_dir: Path, i: int) -> Path:
     return state_dir / f"inputs-{i:04d}.safetensors"
+
+
+def clear_state_dir(state_dir: Path) -> None:
+    """Removes the files ESR writes into `state_dir` (and their temporaries), and the directory
+    only if that leaves it empty: whatever else a user keeps there stays."""
+    ours = re.compile(r"(esr\.json|(block|inputs)-\d{4}\.safetensors)(\.tmp)?")
+    for f in state_dir.glob("*"):
+        if ours.fullmatch(f.name):
+            f.unlink(missing_ok=True)
+    with suppress(OSError):
+        state_dir.rmdir()
 
 
 def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadModel,
