@@ -224,6 +224,101 @@ def test_a_sequence_of_steps_from_an_empty_cache(bits):
         _compare(y, yr, kern, ref)
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("b,nh,p,n,g", SHAPES)
+def test_packed_state_matches_the_int8_reference(b, nh, p, n, g, method, bits):
+    """Packed int4 codes (two a byte along N) give the kernel the same step as int8 codes: y,
+    scales and the unpacked codes agree with the reference, whose packed result is the int8
+    result packed."""
+    from mqtool.packing import pack_int4, unpack_int4
+
+    h0, x, dt, A, B_in, C_in, D = _inputs(b, nh, p, n, g, seed=b * 3 + n)
+    q, sc, ss = _quantized_state(h0, bits, method=method)
+    packed = [pack_int4(q), sc.clone(), ss.clone()]
+    ref8 = [q.clone(), sc.clone(), ss.clone()]
+    ref_packed = [pack_int4(q), sc.clone(), ss.clone()]
+    y = state_update_triton(packed[0], x, dt, A, B_in, C_in, D, packed[1], packed[2], bits, method=method)
+    yr = state_update_ref(ref8[0], x, dt, A, B_in, C_in, D, ref8[1], ref8[2], bits, method=method)
+    yp = state_update_ref(ref_packed[0], x, dt, A, B_in, C_in, D, ref_packed[1], ref_packed[2], bits, method=method)
+    assert packed[0].dtype == torch.uint8 and packed[0].shape[-1] == n // 2
+    assert torch.equal(yp, yr) and torch.equal(ref_packed[0], pack_int4(ref8[0]))
+    _compare(y, yr, [unpack_int4(packed[0]), packed[1], packed[2]], ref8)
+
+
+@pytest.mark.parametrize("storage", ["float", "int8", "packed"])
+def test_fused_step_size_is_softplus_of_dt_plus_bias(storage):
+    """dt_bias + softplus + dt_limit inside the kernel equal the reference given the final step size."""
+    from mqtool.packing import pack_int4
+
+    b, nh, p, n, g = 2, 4, 16, 32, 2
+    h0, x, _, A, B_in, C_in, D = _inputs(b, nh, p, n, g, seed=21)
+    gen = torch.Generator().manual_seed(3)
+    dt_raw = (torch.randn(b, nh, generator=gen) * 3).to(DEVICE)
+    dt_raw[0, 0] = 25.0                                         # beyond softplus' threshold: dt itself
+    bias = (torch.randn(nh, generator=gen) - 2).to(DEVICE)
+    limit = (0.01, 2.0)
+    delta = torch.nn.functional.softplus(dt_raw + bias).clamp(*limit)
+    if storage == "float":
+        s_k, s_r, args = h0.clone(), h0.clone(), {}
+    else:
+        q, sc, ss = _quantized_state(h0, 4)
+        q = pack_int4(q) if storage == "packed" else q
+        s_k, s_r = q.clone(), q.clone()
+        args_k, args_r = (sc.clone(), ss.clone()), (sc.clone(), ss.clone())
+    if storage == "float":
+        y = state_update_triton(s_k, x, dt_raw, A, B_in, C_in, D, dt_bias=bias, dt_softplus=True, dt_limit=limit)
+        yr = state_update_ref(s_r, x, delta, A, B_in, C_in, D, **args)
+        torch.testing.assert_close(s_k, s_r, rtol=1e-5, atol=1e-5)
+    else:
+        y = state_update_triton(s_k, x, dt_raw, A, B_in, C_in, D, *args_k, 4, dt_bias=bias, dt_softplus=True,
+                                dt_limit=limit)
+        yr = state_update_ref(s_r, x, delta, A, B_in, C_in, D, *args_r, 4)
+        torch.testing.assert_close(args_k[0], args_r[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * yr.abs().max().item())
+    # and the reference fuses it the same way
+    s_f = s_r.clone() if storage == "float" else None
+    if s_f is not None:
+        s_f.copy_(h0)
+        yf = state_update_ref(s_f, x, dt_raw, A, B_in, C_in, D, dt_bias=bias, dt_softplus=True, dt_limit=limit)
+        s_r.copy_(h0)
+        yr = state_update_ref(s_r, x, delta, A, B_in, C_in, D)
+        torch.testing.assert_close(yf, yr, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["int8", "packed", "fake", "float"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("b,nh,p,n,g", [(2, 4, 16, 32, 2), (3, 3, 12, 20, 1)])
+def test_row_blocks_give_the_one_block_result(b, nh, p, n, g, method, storage):
+    """The kernel walks the state in blocks of rows (twice when quantizing): blocks of 4 rows (and
+    a partial last block where P = 12 is walked by 8) give the whole-tile reference's step."""
+    from mqtool.packing import pack_int4, unpack_int4
+
+    bits = 4
+    h0, x, dt, A, B_in, C_in, D = _inputs(b, nh, p, n, g, seed=p + n)
+    for block_p in (4, 8):
+        if storage == "float" or storage == "fake":
+            s0 = quantize_state(h0, bits, method) if storage == "fake" else h0
+            s_k, s_r = s0.clone(), s0.clone()
+            fake = storage == "fake"
+            y = state_update_triton(s_k, x, dt, A, B_in, C_in, D, bits=bits, method=method, fake_quant=fake,
+                                    block_p=block_p)
+            yr = state_update_ref(s_r, x, dt, A, B_in, C_in, D, bits=bits, method=method, fake_quant=fake)
+            torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * yr.abs().max().item())
+            tol = 1e-6 * s_r.abs().max().item()
+            assert int(((s_k - s_r).abs() > tol).sum()) <= max(2, 2e-3 * s_r.numel())
+            continue
+        q, sc, ss = _quantized_state(h0, bits, method=method)
+        wrap = pack_int4 if storage == "packed" else (lambda t: t)
+        kern = [wrap(q), sc.clone(), ss.clone()]
+        ref = [q.clone(), sc.clone(), ss.clone()]
+        y = state_update_triton(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits, method=method,
+                                block_p=block_p)
+        yr = state_update_ref(ref[0], x, dt, A, B_in, C_in, D, ref[1], ref[2], bits, method=method)
+        codes = unpack_int4(kern[0]) if storage == "packed" else kern[0]
+        _compare(y, yr, [codes, kern[1], kern[2]], ref)
+
+
 def test_bad_arguments_are_refused():
     h0, x, dt, A, B_in, C_in, D = _inputs(1, 4, 16, 32, 1)
     q, sc, ss = _quantized_state(h0, 8)
@@ -247,3 +342,11 @@ def test_bad_arguments_are_refused():
 def test_gpu_model_sized(b, nh, p, n, g, bits):
     y, yr, kern, ref = _run_both(*_inputs(b, nh, p, n, g, seed=1), bits=bits)
     _compare(y, yr, kern, ref)
+    if bits == 4:  # and the packed form of the same step
+        from mqtool.packing import pack_int4, unpack_int4
+
+        h0, x, dt, A, B_in, C_in, D = _inputs(b, nh, p, n, g, seed=1)
+        q, sc, ss = _quantized_state(h0, bits)
+        packed = [pack_int4(q), sc.clone(), ss.clone()]
+        yk = state_update_triton(packed[0], x, dt, A, B_in, C_in, D, packed[1], packed[2], bits)
+        _compare(yk, yr, [unpack_int4(packed[0]), packed[1], packed[2]], ref)

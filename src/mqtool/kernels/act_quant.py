@@ -20,7 +20,7 @@ import torch
 
 from ._common import HAS_TRITON, INTERPRET, SCALE_MIN, qmax_for, true_div, use_triton
 
-__all__ = ["act_quant", "act_quant_ref", "act_quant_triton"]
+__all__ = ["act_fake_quant", "act_fake_quant_ref", "act_quant", "act_quant_ref", "act_quant_triton"]
 
 
 def act_quant_ref(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +43,9 @@ if HAS_TRITON:
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
         QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+        FAKE: tl.constexpr = False,
     ):
+        # FAKE: q_ptr is of x's dtype and receives the dequantized value (q * scale), not the code
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
@@ -54,7 +56,10 @@ if HAS_TRITON:
             amax = tl.max(tl.abs(x), axis=0)
             scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), SCALE_FLOOR)
             q = quant_codes(tl.math.div_rn(x, scale), QMAX)
-            tl.store(q_row + offs, q.to(tl.int8), mask=mask)
+            if FAKE:
+                tl.store(q_row + offs, (q * scale).to(q_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(q_row + offs, q.to(tl.int8), mask=mask)
         else:
             run = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -67,7 +72,10 @@ if HAS_TRITON:
                 mask = (k0 + offs) < K
                 x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
                 q = quant_codes(tl.math.div_rn(x, scale), QMAX)
-                tl.store(q_row + k0 + offs, q.to(tl.int8), mask=mask)
+                if FAKE:
+                    tl.store(q_row + k0 + offs, (q * scale).to(q_ptr.dtype.element_ty), mask=mask)
+                else:
+                    tl.store(q_row + k0 + offs, q.to(tl.int8), mask=mask)
         tl.store(s_ptr + row, scale)
 
     # Writes fresh outputs only (no in-place state), so it can be autotuned freely.
@@ -76,12 +84,12 @@ if HAS_TRITON:
             triton.Config({"BLOCK_K": bk}, num_warps=w)
             for bk, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16))
         ],
-        key=["K", "QMAX"],
+        key=["K", "QMAX", "FAKE"],
     )(_act_quant_kernel)
 
 
 def act_quant_triton(
-    x: torch.Tensor, bits: int = 8, block_k: int | None = None, num_warps: int = 4
+    x: torch.Tensor, bits: int = 8, block_k: int | None = None, num_warps: int = 4, fake: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel.
 
@@ -90,7 +98,8 @@ def act_quant_triton(
 
     ``block_k=None`` autotunes on a GPU; under the interpreter (where autotuning cannot run) it
     defaults to a small tile. Pass ``block_k`` (a power of two >= 16) to pin the tile, e.g. to
-    make a test cross tile boundaries.
+    make a test cross tile boundaries. ``fake=True`` returns ``q * scale`` in x's dtype in
+    place of the codes (:func:`act_fake_quant`).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -102,16 +111,17 @@ def act_quant_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    q = torch.empty((M, K), dtype=x.dtype if fake else torch.int8, device=x.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M > 0:
         args = (x2, q, scale, K, x2.stride(0), q.stride(0))
         if block_k is None and not INTERPRET:
-            _act_quant_tuned[(M,)](*args, QMAX=qmax, SCALE_FLOOR=SCALE_MIN)
+            _act_quant_tuned[(M,)](*args, QMAX=qmax, SCALE_FLOOR=SCALE_MIN, FAKE=fake)
         else:
             bk = block_k if block_k is not None else min(max(triton.next_power_of_2(K), 16), 256)
             assert bk >= 16 and bk & (bk - 1) == 0, f"block_k must be a power of two >= 16, got {bk}"
-            _act_quant_kernel[(M,)](*args, QMAX=qmax, SCALE_FLOOR=SCALE_MIN, BLOCK_K=bk, num_warps=num_warps)
+            _act_quant_kernel[(M,)](*args, QMAX=qmax, SCALE_FLOOR=SCALE_MIN, BLOCK_K=bk, FAKE=fake,
+                                    num_warps=num_warps)
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
@@ -124,3 +134,18 @@ def act_quant(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tenso
     if use_triton(x):
         return act_quant_triton(x, bits)
     return act_quant_ref(x, bits)
+
+
+def act_fake_quant_ref(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """PyTorch reference of :func:`act_fake_quant`."""
+    q, scale = act_quant_ref(x, bits)
+    return (q.float() * scale).to(x.dtype)
+
+
+def act_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-token fake quantization ``x [..., K]`` -> ``q * scale`` in x's dtype, in one launch:
+    what a simulated W8A8 linear feeds its matmul (``quant.quantizers.fake_quantize_per_token``),
+    bit for bit."""
+    if use_triton(x):
+        return act_quant_triton(x, bits, fake=True)[0]
+    return act_fake_quant_ref(x, bits)

@@ -41,6 +41,8 @@ import math
 
 import torch
 
+from mqtool.packing import unpack_int4
+
 from ._common import HAS_TRITON, INTERPRET, use_triton
 
 __all__ = [
@@ -59,12 +61,8 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, K/2]`` -> int8 codes ``[N, K]`` (low nibble = even column, two's complement)."""
-    lo = (packed & 0xF).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    lo = torch.where(lo >= 8, lo - 16, lo)
-    hi = torch.where(hi >= 8, hi - 16, hi)
-    return torch.stack((lo, hi), dim=-1).flatten(-2).to(torch.int8)
+    """uint8 ``[N, K/2]`` -> int8 codes ``[N, K]`` (:func:`mqtool.packing.unpack_int4`)."""
+    return unpack_int4(packed)
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -18,25 +18,9 @@ import torch
 from torch import Tensor
 
 from mqtool.errors import MqtoolError
+from mqtool.packing import pack_int4, unpack_int4
 from mqtool.quant.quantizers import dequantize_weight
 from mqtool.quant.weights import weight_codes
-
-
-def pack_int4(q: Tensor) -> Tensor:
-    """int8 codes in [-8, 7], [out, in] with in even -> uint8 [out, in / 2] (low nibble = even column)."""
-    if q.shape[-1] % 2:
-        raise MqtoolError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
-    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nib[..., 0::2] | (nib[..., 1::2] << 4)
-
-
-def unpack_int4(packed: Tensor) -> Tensor:
-    """Inverse of pack_int4: uint8 [out, in / 2] -> int8 codes [out, in]."""
-    lo = (packed & 0xF).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    lo = torch.where(lo >= 8, lo - 16, lo)
-    hi = torch.where(hi >= 8, hi - 16, hi)
-    return torch.stack((lo, hi), dim=-1).flatten(-2).to(torch.int8)
 
 
 def _packed(bits: int) -> bool:

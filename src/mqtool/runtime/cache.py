@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mqtool.errors import MqtoolError
-from mqtool.quant.export import pack_int4, unpack_int4  # the export's packing: low nibble = even index
+from mqtool.packing import pack_int4, unpack_int4  # the export's packing: low nibble = even index
 from mqtool.quant.states import StateQuantizer, quantize_state_int
 
 __all__ = ["LayerCache", "StateCache", "StateFormat", "pack_int4", "state_format_of", "unpack_int4"]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mqtool.runtime.cache import LayerCache, StateCache, StateFormat, state_format_of
 from mqtool.runtime.step import model_step
+from mqtool.runtime.swap import fuse_activation_quantizers
 
 __all__ = ["Runtime"]
 
@@ -53,13 +54,17 @@ class Runtime:
     a float state in ``state_dtype``, default the model's dtype).
 
     It quacks like the model where evaluation needs it (`allocate_cache`, `step`, `parameters`,
-    recurrent `__call__`), so `mqtool.evaluate.perplexity` scores the runtime unchanged."""
+    recurrent `__call__`), so `mqtool.evaluate.perplexity` scores the runtime unchanged.
+
+    On CUDA it swaps the model's dynamic per-token activation quantizers for their one-launch
+    kernel (`runtime.swap`: the same numbers), in place."""
 
     def __init__(self, model: nn.Module, state_dtype: torch.dtype | None = None,
                  state_format: StateFormat | None = None) -> None:
         self.model = model.eval()
         self.config = model.config
         self.fmt = state_format or state_format_of(model, state_dtype)
+        self.fused_quantizers = fuse_activation_quantizers(model)
 
     @property
     def device(self) -> torch.device:

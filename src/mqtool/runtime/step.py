@@ -4,12 +4,13 @@
 Each piece runs the fastest implementation that computes what the simulated model computes:
 
 * mamba-ssm's fused kernels where they are installed, the tensors are on CUDA and the attachment
-  point they would skip is plain (a quantizer or S-SiLU attached there forces the PyTorch path):
+  point they would skip is plain (a quantizer or S-SiLU attached there forces the PyTorch path;
+  quantizers on the SSM inputs run before `selective_state_update`, which then takes them as given):
   residual add + RMSNorm (`rms_norm_fn`), `causal_conv1d_update` (conv + SiLU),
   `selective_state_update` (float states; dt bias, softplus, D and Mamba-1's gate fused) and the
   gated RMSNorm (`rmsnorm_fn`);
-* mqtool's Triton kernel for Mamba-2 int8 codes (codes in, codes out, one launch); packed int4
-  and Mamba-1 codes have no fused kernel yet and run the reference below;
+* mqtool's Triton kernel for Mamba-2 int8 and packed int4 codes (codes in, codes out, dt bias and
+  softplus fused, one launch); Mamba-1 codes have no fused kernel yet and run the reference below;
 * otherwise the plain-PyTorch reference: the simulated model's own modules and
   `scan.mamba{1,2}_step` on the dequantized state, then `LayerCache.write`.
 
@@ -77,15 +78,13 @@ def _use(name: str, t: Tensor) -> Any:
 
 
 def _quant_kernel(lc: LayerCache) -> Any:
-    """mqtool's fused Mamba-2 quantized-state step for this cache, when it runs here (CUDA + Triton)."""
+    """mqtool's fused Mamba-2 quantized-state step (int8 or packed int4 codes), when it runs here
+    (CUDA + Triton)."""
     if not lc.fmt.quantized or not lc.state.is_cuda or os.environ.get("MQTOOL_FUSED_STATE") == "0":
         return None
     from mqtool import kernels
 
-    if not kernels.HAS_TRITON:
-        return None
-    # the one fused kernel so far takes int8 codes; packed int4 runs the reference
-    return None if lc.fmt.packed else kernels.state_update
+    return kernels.state_update if kernels.HAS_TRITON else None
 
 
 def _conv(mixer: nn.Module, lc: LayerCache, xin: Tensor) -> Tensor:
@@ -97,34 +96,49 @@ def _conv(mixer: nn.Module, lc: LayerCache, xin: Tensor) -> Tensor:
     return mixer.conv_act(causal_conv1d_step(lc.conv, xin.to(lc.conv.dtype), mixer.conv1d.weight, mixer.conv1d.bias))
 
 
+def _mamba2_inputs(mixer: nn.Module, xBC: Tensor, dt: Tensor, raw_dt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x [b, h, p], dt [b, h], B, C [b, g, n]) through the SSM-input attachment points; with
+    `raw_dt` the step size is left raw (dt bias, softplus and limit fused in the kernel)."""
+    if not raw_dt:
+        return mixer._ssm_inputs(xBC, dt)
+    gn = mixer.ngroups * mixer.d_state
+    x, B, C = torch.split(xBC, [mixer.d_inner, gn, gn], dim=-1)
+    x = mixer.ssm_x(x).unflatten(-1, (mixer.nheads, mixer.headdim))
+    B = mixer.ssm_B(B).unflatten(-1, (mixer.ngroups, mixer.d_state))
+    C = mixer.ssm_C(C).unflatten(-1, (mixer.ngroups, mixer.d_state))
+    return x, dt, B, C
+
+
 def mamba2_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
     z, xBC, dt = mixer._split(mixer.in_proj(hidden))
     xBC = _conv(mixer, lc, xBC).to(hidden.dtype)
     b = hidden.shape[0]
     A, D = mixer._A(), mixer._D()
-    ssu = _use("selective_state_update", hidden)
-    plain_inputs = _plain(mixer.ssm_x, mixer.ssm_dt, mixer.ssm_B, mixer.ssm_C)
-    if (ssu is not None and not lc.fmt.quantized and plain_inputs and mixer.dt_limit == (0.0, float("inf"))):
-        # mamba-ssm's Mamba2.step: dt bias, softplus and D fused; per-head values broadcast over P, N
-        gn = mixer.ngroups * mixer.d_state
-        x, B, C = torch.split(xBC, [mixer.d_inner, gn, gn], dim=-1)
+    no_limit = mixer.dt_limit == (0.0, float("inf"))
+    ssu = None if lc.fmt.quantized else _use("selective_state_update", hidden)
+    kernel = _quant_kernel(lc)
+    if ssu is not None:
+        # mamba-ssm's Mamba2.step (per-head values broadcast over P, N); dt bias and softplus fused
+        # unless a quantizer sits on Δ or a limit clamps it (the kernel applies neither)
+        raw = _plain(mixer.ssm_dt) and no_limit
+        x, dt, B, C = _mamba2_inputs(mixer, xBC, dt, raw)
         h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
-        x = x.view(b, h, p)
-        B, C = B.view(b, mixer.ngroups, n), C.view(b, mixer.ngroups, n)
         dt_e = dt.unsqueeze(-1).expand(b, h, p)
         A_e = A[:, None, None].expand(h, p, n)
-        dtb = mixer.dt_bias[:, None].expand(h, p)
+        # a zero bias, not None: mamba-ssm 2.3's kernel reads dt_bias' strides unconditionally
+        dtb = mixer.dt_bias[:, None].expand(h, p) if raw else dt.new_zeros(1).expand(h, p)
         D_e = D if D.dim() == 2 else D[:, None].expand(h, p)
-        y = ssu(lc.state, x, dt_e, A_e, B, C, D_e, z=None, dt_bias=dtb, dt_softplus=True)
+        y = ssu(lc.state, x, dt_e, A_e, B, C, D_e, z=None, dt_bias=dtb, dt_softplus=raw)
+    elif kernel is not None:
+        raw = _plain(mixer.ssm_dt)
+        x, dt, B, C = _mamba2_inputs(mixer, xBC, dt, raw)
+        fused_dt = {"dt_bias": mixer.dt_bias, "dt_softplus": True, "dt_limit": mixer.dt_limit} if raw else {}
+        y = kernel(lc.state, x, dt, A, B, C, D, lc.scale_channel, lc.scale_state, bits=lc.fmt.bits,
+                   channel_stat=lc.fmt.channel_scale, method=lc.fmt.method, **fused_dt)
     else:
         x, delta, B, C = mixer._ssm_inputs(xBC, dt)
-        kernel = _quant_kernel(lc)
-        if kernel is not None:
-            y = kernel(lc.state, x, delta, A, B, C, D, lc.scale_channel, lc.scale_state, bits=lc.fmt.bits,
-                       channel_stat=lc.fmt.channel_scale, method=lc.fmt.method)
-        else:
-            y, h_new = scan.mamba2_step(lc.read(), x, delta, A, B, C, D)
-            lc.write(h_new)
+        y, h_new = scan.mamba2_step(lc.read(), x, delta, A, B, C, D)
+        lc.write(h_new)
     y = y.reshape(b, mixer.d_inner)
     norm = mixer.norm
     gated = _use("rmsnorm_gated_fn", hidden)
@@ -140,17 +154,21 @@ def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
     x, z = mixer.in_proj(hidden).chunk(2, dim=-1)
     x = _conv(mixer, lc, x).to(hidden.dtype)
     A = mixer._A()
-    ssu = _use("selective_state_update", hidden)
-    fast_gate = _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
-    dt_proj = mixer.dt_proj
-    plain_dt_proj = type(dt_proj) is Linear and _plain(dt_proj.input_transform, dt_proj.input_quantizer)
-    if (ssu is not None and not lc.fmt.quantized and fast_gate and plain_dt_proj
-            and _plain(mixer.ssm_x, mixer.ssm_B, mixer.ssm_C, mixer.ssm_dt)):
+    ssu = None if lc.fmt.quantized else _use("selective_state_update", hidden)
+    if ssu is not None and _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU:
+        # mamba-ssm's Mamba.step, gate fused; quantizers on the SSM inputs run before it
         x_dbl = mixer.x_proj(x)
         dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-        # as mamba-ssm's Mamba.step: dt_proj's bias goes in as dt_bias (its kernel needs one), softplus fused
-        y = ssu(lc.state, x, F.linear(dt, dt_proj.weight), A, B, C, mixer.D, z=z, dt_bias=dt_proj.bias,
-                dt_softplus=True)
+        dt_proj = mixer.dt_proj
+        raw = (type(dt_proj) is Linear and dt_proj.bias is not None and _plain(mixer.ssm_dt)
+               and _plain(dt_proj.input_transform, dt_proj.input_quantizer))
+        if raw:  # as mamba-ssm: dt_proj's bias goes in as dt_bias, softplus fused
+            dt, dt_bias = F.linear(dt, dt_proj.weight), dt_proj.bias
+        else:
+            dt = mixer.ssm_dt(F.softplus(dt_proj(dt).float()))
+            dt_bias = dt.new_zeros(1).expand(mixer.d_inner)  # not None: see mamba2_step
+        y = ssu(lc.state, mixer.ssm_x(x), dt, A, mixer.ssm_B(B), mixer.ssm_C(C), mixer.D, z=z, dt_bias=dt_bias,
+                dt_softplus=raw)
         return mixer.out_proj(y.to(hidden.dtype))
     u, delta, B, C = mixer._ssm_inputs(x)
     y, h_new = scan.mamba1_step(lc.read(), u, delta, A, B, C, mixer.D)  # no fused Mamba-1 code kernel yet
