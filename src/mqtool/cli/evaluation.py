@@ -208,7 +208,19 @@ def bench(
             raise MqtoolError(f"--plot: directory {plot.parent} does not exist")
     sdt = None if state_dtype is None else _dtype(DType(state_dtype.value))
     rows: list[dict] = []
-    configs = {}
+    base_rows: dict[tuple[str, int, int], dict] = {}
+
+    def run_baseline(cfg, dev) -> None:
+        for p_len in prompts:
+            for b in batches:
+                res = mamba_ssm_baseline(cfg, _dtype(dtype), dev, b, p_len, gen_len)
+                if res is not None:
+                    base_rows[(cfg.layer, b, p_len)] = {"model": "mamba-ssm", **res}
+                    err.print(f"mamba-ssm {cfg.layer}: batch {b}, prompt {p_len}: prefill "
+                              f"{res['prefill_seconds'] * 1000:.1f} ms, decode {res['decode_ms_per_step']:.2f} "
+                              f"ms/step, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
+
+    families: set[str] = set()
     for spec in models:
         net, ckpt = (_load_integer if kernels else _load)(spec, dtype, device)
         for p_len in prompts:
@@ -218,22 +230,13 @@ def bench(
                 err.print(f"{spec} [{rows[-1]['state_format']}]: batch {b}, prompt {p_len}: prefill "
                           f"{rows[-1]['prefill_seconds'] * 1000:.1f} ms, decode {rows[-1]['decode_ms_per_step']:.2f} "
                           f"ms/step, peak {rows[-1]['peak_memory_bytes'] / 2**30:.2f} GiB")
-        dev = net.backbone.embedding.weight.device
-        configs.setdefault(net.config.layer, net.config)  # the baseline's shape: the first of each family
+        dev, cfg = net.backbone.embedding.weight.device, net.config
         del net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    base_rows: dict[tuple[str, int, int], dict] = {}
-    if baseline:
-        for layer, cfg in configs.items():
-            for p_len in prompts:
-                for b in batches:
-                    res = mamba_ssm_baseline(cfg, _dtype(dtype), dev, b, p_len, gen_len)
-                    if res is not None:
-                        base_rows[(layer, b, p_len)] = {"model": "mamba-ssm", **res}
-                        err.print(f"mamba-ssm {layer}: batch {b}, prompt {p_len}: prefill "
-                                  f"{res['prefill_seconds'] * 1000:.1f} ms, decode {res['decode_ms_per_step']:.2f} "
-                                  f"ms/step, peak {res['peak_memory_bytes'] / 2**30:.2f} GiB")
+        if baseline and cfg.layer not in families:  # the baseline's shape: the first model of each family
+            families.add(cfg.layer)
+            run_baseline(cfg, dev)
     for r in rows:
         base = base_rows.get((r["layer"], r["batch"], r["prompt_len"]))
         if base is not None:
