@@ -11,13 +11,13 @@ restated in each file, and the tests check the references against ``mqtool.quant
 * :func:`int8_matmul` / :func:`w4a8_matmul` - W8A8 and W4A8 (packed int4) integer GEMMs with
   per-token activation scales and per-channel or per-group weight scales.
 * :func:`state_update` - one Mamba-2 recurrent step on an int8, packed int4, fake-quantized or fp32
-  state cache.
+  state cache; :func:`mamba1_state_update` the Mamba-1 step on int8 or packed int4 codes.
 """
 
 from ._common import HAS_TRITON, INTERPRET, use_triton
 from .act_quant import act_fake_quant, act_fake_quant_ref, act_quant, act_quant_ref
 from .int8_matmul import int8_matmul, int8_matmul_ref, unpack_int4_ref, w4a8_matmul, w4a8_matmul_ref
-from .state_update import state_update, state_update_ref
+from .state_update import mamba1_state_update, mamba1_state_update_ref, state_update, state_update_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -28,6 +28,8 @@ __all__ = [
     "act_quant_ref",
     "int8_matmul",
     "int8_matmul_ref",
+    "mamba1_state_update",
+    "mamba1_state_update_ref",
     "state_update",
     "state_update_ref",
     "unpack_int4_ref",

@@ -62,7 +62,10 @@ from mqtool.packing import pack_int4, unpack_int4
 
 from ._common import HAS_TRITON, STATE_EPS, qmax_for, true_div, use_triton
 
-__all__ = ["CHANNEL_STATS", "METHODS", "state_update", "state_update_ref", "state_update_triton"]
+__all__ = [
+    "CHANNEL_STATS", "METHODS", "mamba1_state_update", "mamba1_state_update_ref", "mamba1_state_update_triton",
+    "state_update", "state_update_ref", "state_update_triton",
+]
 
 #: DSQ channel statistics (``mqtool.quant.states.CHANNEL_SCALES``).
 CHANNEL_STATS = ("abs.max", "abs.max.sqrt", "abs.mean", "abs.mean.sqrt")
@@ -200,8 +203,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _new_state(state_ptr, sc_ptr, ss_ptr, x_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o, N, NJ,
-                   x_row, dA, dt, Be, Bo, sse, sso, STORAGE: tl.constexpr):
-        """Rows ``offs_p`` of the new state, as its even and odd columns: h = dA * h_prev + dt x B."""
+                   x_row, dA_e, dA_o, dt, Be, Bo, sse, sso, STORAGE: tl.constexpr):
+        """Rows ``offs_p`` of the new state, as its even and odd columns: h = dA * h_prev + dt x B
+        (dA a head's scalar and dt too for Mamba-2; a [rows, N / 2] tile and a [rows] vector for Mamba-1)."""
         mask_te = mask_p[:, None] & mask_e[None, :]
         mask_to = mask_p[:, None] & mask_o[None, :]
         if STORAGE == 0:
@@ -222,8 +226,8 @@ if HAS_TRITON:
             ho = qo.to(tl.float32) * (sc[:, None] * sso[None, :])
         x = tl.load(x_row + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         dtx = (dt * x)[:, None]
-        he = he * dA + dtx * Be[None, :]     # masked entries are 0 * 0 + 0 = 0
-        ho = ho * dA + dtx * Bo[None, :]
+        he = he * dA_e + dtx * Be[None, :]     # masked entries are 0 * 0 + 0 = 0
+        ho = ho * dA_o + dtx * Bo[None, :]
         return he, ho, x
 
     @triton.jit
@@ -301,7 +305,7 @@ if HAS_TRITON:
             offs_p = p0 + tl.arange(0, BLOCK_P)
             mask_p = offs_p < P
             he, ho, x = _new_state(state_ptr, sc_ptr, ss_ptr, x_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o,
-                                   N, NJ, x_row, dA, dt, Be, Bo, sse, sso, STORAGE)
+                                   N, NJ, x_row, dA, dA, dt, Be, Bo, sse, sso, STORAGE)
             y = tl.sum(he * Ce[None, :], axis=1) + tl.sum(ho * Co[None, :], axis=1)
             if HAS_D:
                 if D_PER_CHANNEL:
@@ -346,7 +350,7 @@ if HAS_TRITON:
                 offs_p = p0 + tl.arange(0, BLOCK_P)
                 mask_p = offs_p < P
                 he, ho, x = _new_state(state_ptr, sc_ptr, ss_ptr, x_ptr, base, offs_p, offs_j, mask_p, mask_e,
-                                       mask_o, N, NJ, x_row, dA, dt, Be, Bo, sse, sso, STORAGE)
+                                       mask_o, N, NJ, x_row, dA, dA, dt, Be, Bo, sse, sso, STORAGE)
                 s_c = _channel_scale(tl.abs(he), tl.abs(ho), N, METHOD, QMAX, STAT_MAX, STAT_SQRT, EPS)
                 if METHOD == 3:
                     s_c = s_c * s_t
@@ -399,7 +403,7 @@ if HAS_TRITON:
         STAT_MAX: tl.constexpr, STAT_SQRT: tl.constexpr,
         HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr,
         HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, EPS: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, SECOND: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, SECOND: tl.constexpr, MAMBA1: tl.constexpr = False,
     ):
         # The same step as _state_update_kernel, one program per (batch, head, block of rows), in
         # launches: the first (SECOND=False) computes y and folds the block's column maxima into
@@ -417,8 +421,25 @@ if HAS_TRITON:
         mask_o = 2 * offs_j + 1 < N
         base = pid.to(tl.int64) * P
         x_row = x_ptr + b * stride_xb + hd * stride_xh
-        dt, dA = _step_size(dt_ptr, dt_bias_ptr, A_ptr, b, hd, stride_dtb, DT_LO, DT_HI, HAS_DT_BIAS, DT_SOFTPLUS,
-                            DT_CLAMP)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        if MAMBA1:  # one "head" of d_inner rows: dt per row, A per (row, state)
+            dt = tl.load(dt_ptr + b * stride_dtb + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            if HAS_DT_BIAS:
+                dt += tl.load(dt_bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            if DT_SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            if DT_CLAMP:
+                dt = tl.minimum(tl.maximum(dt, DT_LO), DT_HI)
+            a_off = offs_p[:, None] * N + 2 * offs_j[None, :]
+            A_e = tl.load(A_ptr + a_off, mask=mask_p[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
+            A_o = tl.load(A_ptr + a_off + 1, mask=mask_p[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
+            dA_e = tl.exp(dt[:, None] * A_e)
+            dA_o = tl.exp(dt[:, None] * A_o)
+        else:
+            dt, dA_e = _step_size(dt_ptr, dt_bias_ptr, A_ptr, b, hd, stride_dtb, DT_LO, DT_HI, HAS_DT_BIAS,
+                                  DT_SOFTPLUS, DT_CLAMP)
+            dA_o = dA_e
         bc = b * stride_bb + g * stride_bg + 2 * offs_j
         Be = tl.load(B_ptr + bc, mask=mask_e, other=0.0).to(tl.float32)
         Bo = tl.load(B_ptr + bc + 1, mask=mask_o, other=0.0).to(tl.float32)
@@ -429,10 +450,8 @@ if HAS_TRITON:
         else:
             sse = Be
             sso = Bo
-        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
         he, ho, x = _new_state(state_ptr, sc_ptr, ss_ptr, x_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o,
-                               N, NJ, x_row, dA, dt, Be, Bo, sse, sso, STORAGE)
+                               N, NJ, x_row, dA_e, dA_o, dt, Be, Bo, sse, sso, STORAGE)
         mask_te = mask_p[:, None] & mask_e[None, :]
         mask_to = mask_p[:, None] & mask_o[None, :]
         ae = tl.abs(he)
@@ -598,3 +617,118 @@ def state_update(
     if use_triton(x) and not (state.dtype == torch.int8 and B_in.shape[2] % 2):
         return state_update_triton(*args)
     return state_update_ref(*args)
+
+
+# ------------------------------------------------------------------------------------- Mamba-1
+# The Mamba-1 state [B, d_inner, N] is the Mamba-2 kernel's one head of P = d_inner rows, with the
+# step size per row (not per head) and A per (row, state): the split kernel's MAMBA1 form.
+
+
+def _check_mamba1(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
+                  C_in: torch.Tensor, D: torch.Tensor | None, scale_channel: torch.Tensor, scale_state: torch.Tensor,
+                  bits: int, channel_stat: str, method: str, dt_bias: torch.Tensor | None) -> str:
+    assert u.dim() == 2, f"u must be [B, d_inner], got {tuple(u.shape)}"
+    b, d = u.shape
+    assert B_in.dim() == 2 and B_in.shape[0] == b and C_in.shape == B_in.shape, "B, C must be [B, N]"
+    n = B_in.shape[1]
+    storage = {torch.int8: "int8", torch.uint8: "packed"}.get(state.dtype)
+    assert storage is not None, f"the Mamba-1 kernel takes int8 or packed uint8 codes, got {state.dtype}"
+    assert n % 2 == 0, f"the kernel reads code pairs and needs an even state size, got {n}"
+    stored = n // 2 if storage == "packed" else n
+    assert state.shape == (b, d, stored), f"state {tuple(state.shape)} is not [{b}, {d}, {stored}]"
+    assert delta.shape == (b, d) and A.shape == (d, n), f"delta {tuple(delta.shape)} / A {tuple(A.shape)}"
+    assert dt_bias is None or dt_bias.shape == (d,), f"dt_bias {tuple(dt_bias.shape)} is not {(d,)}"
+    assert D is None or D.shape == (d,), f"D {tuple(D.shape)} is not {(d,)}"
+    assert scale_channel.shape == (b, d, 1) and scale_state.shape == (b, 1, n), "scales are [B, d, 1], [B, 1, N]"
+    assert scale_channel.dtype == scale_state.dtype == torch.float32, "scales must be float32"
+    assert channel_stat in CHANNEL_STATS and method in METHODS
+    assert storage != "packed" or qmax_for(bits) <= 7, f"{bits}-bit codes do not fit a nibble"
+    return storage
+
+
+def mamba1_state_update_ref(
+    state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
+    C_in: torch.Tensor, D: torch.Tensor | None, scale_channel: torch.Tensor, scale_state: torch.Tensor,
+    bits: int = 8, channel_stat: str = "abs.mean.sqrt", method: str = "dsq",
+    dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+) -> torch.Tensor:
+    """PyTorch reference of :func:`mamba1_state_update` (updates in place, returns y fp32 [B, d])."""
+    storage = _check_mamba1(state, u, delta, A, B_in, C_in, D, scale_channel, scale_state, bits, channel_stat,
+                            method, dt_bias)
+    codes = unpack_int4(state) if storage == "packed" else state
+    h_prev = codes.float() * (scale_channel * scale_state)
+    dt = _step_size_ref(delta, dt_bias, dt_softplus, (0.0, float("inf")))
+    uf = u.float()
+    h = torch.exp(dt.unsqueeze(-1) * A.float()) * h_prev + (dt * uf).unsqueeze(-1) * B_in.float().unsqueeze(1)
+    y = torch.einsum("bdn,bn->bd", h, C_in.float())
+    if D is not None:
+        y = y + uf * D.float()
+    q, s_c, s_s = _dsq_ref(h, bits, channel_stat, method)
+    state.copy_(pack_int4(q) if storage == "packed" else q)
+    scale_channel.copy_(s_c)
+    scale_state.copy_(s_s)
+    return y
+
+
+def mamba1_state_update_triton(
+    state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
+    C_in: torch.Tensor, D: torch.Tensor | None, scale_channel: torch.Tensor, scale_state: torch.Tensor,
+    bits: int = 8, channel_stat: str = "abs.mean.sqrt", method: str = "dsq",
+    dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+    block_p: int | None = None, num_warps: int = 4,
+) -> torch.Tensor:
+    """Launch the split kernel in its Mamba-1 form (arguments as :func:`mamba1_state_update`)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    storage = _check_mamba1(state, u, delta, A, B_in, C_in, D, scale_channel, scale_state, bits, channel_stat,
+                            method, dt_bias)
+    assert state.is_contiguous() and scale_channel.is_contiguous() and scale_state.is_contiguous(), (
+        "the state and its scales are updated in place and must be contiguous")
+    b, d = u.shape
+    n = B_in.shape[1]
+    words = state.view(torch.int16) if storage == "int8" else state.view(torch.int8)
+    u, delta, B_in, C_in = (t.contiguous() for t in (u, delta, B_in, C_in))
+    A = A.float().contiguous()
+    D = None if D is None else D.contiguous()
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
+    y = torch.empty((b, d), dtype=torch.float32, device=u.device)
+    if b == 0:
+        return y
+    bj = triton.next_power_of_2(n // 2)
+    bp = block_p or max(1, min(triton.next_power_of_2(d), 2048 // bj))
+    assert bp & (bp - 1) == 0, f"block_p must be a power of two, got {bp}"
+    qmax = qmax_for(bits)
+    col = torch.zeros((b, n), dtype=torch.float32, device=u.device)
+    flags = dict(
+        STORAGE=_STORAGE[storage], FAKE=False, METHOD=METHODS.index(method), QMAX=qmax,
+        STAT_MAX=channel_stat.startswith("abs.max"), STAT_SQRT=channel_stat.endswith(".sqrt"),
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_CLAMP=False,
+        HAS_D=D is not None, D_PER_CHANNEL=True, EPS=STATE_EPS, BLOCK_P=bp, BLOCK_J=bj, MAMBA1=True,
+    )
+    common = (words, scale_channel, scale_state, col, u, delta, dt_bias, A, B_in, C_in, D, y,
+              1, d, n, 1, 0.0, 3.0e38, u.stride(0), 0, delta.stride(0), B_in.stride(0), 0)
+    grid = (b, triton.cdiv(d, bp))
+    _split_pass_kernel[grid](*common, **flags, SECOND=False, num_warps=num_warps)
+    _split_pass_kernel[grid](*common, **flags, SECOND=True, num_warps=num_warps)
+    _split_finish_kernel[(b,)](scale_state, col, n, METHOD=flags["METHOD"], QMAX=qmax, EPS=STATE_EPS,
+                               BLOCK_N=triton.next_power_of_2(n), num_warps=1)
+    return y
+
+
+def mamba1_state_update(
+    state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
+    C_in: torch.Tensor, D: torch.Tensor | None, scale_channel: torch.Tensor, scale_state: torch.Tensor,
+    bits: int = 8, channel_stat: str = "abs.mean.sqrt", method: str = "dsq",
+    dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+) -> torch.Tensor:
+    """One Mamba-1 step on a quantized state cache: int8 codes ``[B, d_inner, N]`` or packed int4
+    ``[B, d_inner, N / 2]`` with ``scale_channel fp32 [B, d_inner, 1]`` and ``scale_state fp32
+    [B, 1, N]`` (updated in place); ``u, delta [B, d_inner]`` (delta raw with ``dt_bias`` and
+    ``dt_softplus``), ``A [d_inner, N]``, ``B_in / C_in [B, N]``, ``D [d_inner]`` -> ``y fp32
+    [B, d_inner]`` (before the gate). The Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``),
+    else the reference."""
+    args = (state, u, delta, A, B_in, C_in, D, scale_channel, scale_state, bits, channel_stat, method, dt_bias,
+            dt_softplus)
+    if use_triton(u):
+        return mamba1_state_update_triton(*args)
+    return mamba1_state_update_ref(*args)
