@@ -54,6 +54,12 @@ def _leftovers(out: Path) -> tuple[list[Path], list[Path]]:
     return tmps, olds
 
 
+def leftover_of(path: Path) -> str | None:
+    """The output name whose temporary or hidden old copy `path` is (by its name), else None."""
+    m = re.fullmatch(r"\.(.+)\.(?:tmp-\d+-[A-Za-z0-9_]+|old-\d+)", path.name)
+    return m.group(1) if m else None
+
+
 def interrupted_copy(out: Path) -> Path | None:
     """The previous copy of a missing `out` that a killed --force replace left hidden, if any."""
     olds = _leftovers(out)[1]

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mqtool import __version__
-from mqtool.atomic import interrupted_copy, sweep, write_dir_atomic
+from mqtool.atomic import interrupted_copy, leftover_of, sweep, write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel
 
@@ -89,6 +89,10 @@ def resolve(spec: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise MqtoolError(f"{path} is a file; expected a checkpoint directory")
+        owner = leftover_of(path)
+        if owner is not None:  # possibly half written: an interrupted run leaves nothing a stage accepts
+            raise MqtoolError(f"{path} is what an interrupted write of {path.parent / owner} left behind, not a "
+                              f"checkpoint (the next write of {owner} sweeps or restores it)")
         return path
     s = str(spec)
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
