@@ -139,7 +139,7 @@ def write_dir_atomic(out: Path, fill: Callable[[Path], None], replace: bool) -> 
             old = None
             _remove(done)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if old is not None and old.exists() and not out.exists():
             old.rename(out)  # the new one never got into place: put the previous one back
         raise
