@@ -14,8 +14,6 @@ the linear's online `input_transform`, i.e. what its quantizer sees) and
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mqtool.atomic import write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaLMHeadModel
 from mqtool.models.layers import Linear
@@ -102,18 +101,9 @@ class Calibration:
         (out / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
 
     def save_atomic(self, out: Path) -> None:
-        """Write to a temporary sibling, then rename into place (replacing an existing `out`)."""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            self.save(tmp)
-            tmp.chmod(0o755)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write to a temporary sibling, then move it into place (replacing an existing `out`)
+        so that a kill at any instant leaves either the complete new one or the previous one."""
+        write_dir_atomic(out, self.save, replace=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

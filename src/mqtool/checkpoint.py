@@ -3,8 +3,8 @@
 A checkpoint is a directory with `config.json` (mamba-ssm MambaConfig), `model.safetensors` (or
 shards with `model.safetensors.index.json`; `pytorch_model.bin` is read too), `mqtool.json` (the
 manifest: where it came from, every stage applied, quantization spec, online transforms) and an
-optional `tokenizer.json`. Writes are atomic (temporary directory, then rename); a stage never
-modifies its input.
+optional `tokenizer.json`. Writes are atomic (mqtool.atomic: a temporary directory, then a rename or
+a swap); a stage never modifies its input.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mqtool import __version__
+from mqtool.atomic import interrupted_copy, leftover_of, sweep, write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel
 
@@ -89,9 +89,17 @@ def resolve(spec: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise MqtoolError(f"{path} is a file; expected a checkpoint directory")
+        owner = leftover_of(path)
+        if owner is not None:  # possibly half written: an interrupted run leaves nothing a stage accepts
+            raise MqtoolError(f"{path} is what an interrupted write of {path.parent / owner} left behind, not a "
+                              f"checkpoint (the next write of {owner} sweeps or restores it)")
         return path
     s = str(spec)
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
+        hidden = interrupted_copy(path)
+        if hidden is not None:
+            raise MqtoolError(f"{spec}: no such directory; a killed --force replace left the previous copy "
+                              f"at {hidden} (the next write to {path} restores it, or rename it back)")
         raise MqtoolError(f"{spec}: no such directory")
     try:
         from huggingface_hub import snapshot_download
@@ -238,10 +246,12 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
     for i in inputs:
         if i is not None and Path(i).exists() and paths_overlap(out, Path(i)):
             raise MqtoolError(f"{out} overlaps this stage's input {i}; a stage never modifies its input")
+    restored = sweep(out)  # what a killed earlier write to `out` left beside it
     if out.exists() and not out.is_dir():
         raise MqtoolError(f"{out} exists and is not a directory")
     if out.exists() and not force:
-        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
+        note = f" (restored from {restored.name}, left by a killed --force replace)" if restored else ""
+        raise MqtoolError(f"{out} exists{note}; pass --force to overwrite it")
     if out.exists() and any(out.iterdir()) and not is_mqtool_output(out):  # an empty one loses nothing
         raise MqtoolError(f"{out} is not an mqtool checkpoint; --force replaces only a directory mqtool wrote")
     parent = out.parent
@@ -277,46 +287,20 @@ def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: in
     (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
                     tokenizer_path: Path | None = None, force: bool = False,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Writes a checkpoint directory atomically: everything goes to a temporary sibling, which is
-    renamed into place only when complete; an existing `out` is replaced only with force."""
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    old: Path | None = None
-    try:
+    """Writes a checkpoint directory atomically (see mqtool.atomic): a kill at any instant leaves
+    either the complete new checkpoint or the previous one; an existing `out` is replaced only with force."""
+
+    def fill(tmp: Path) -> None:
         config.save(tmp / "config.json")
         _save_sharded({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, max_shard_bytes)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        mode = 0o666 & ~_umask()
-        for f in tmp.iterdir():  # temp files are private; a checkpoint is ordinary files
-            f.chmod(mode)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            old.rename(out)  # the new one never got into place: put the previous one back
-        raise
-    return out
+
+    return write_dir_atomic(Path(out).expanduser(), fill, replace=force)
 
 
 def record_stage(manifest: Manifest, stage: str, params: dict[str, Any], input_hash: str) -> Manifest:
