@@ -144,8 +144,8 @@ def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
     fast_gate = _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
     dt_proj = mixer.dt_proj
     plain_dt_proj = type(dt_proj) is Linear and _plain(dt_proj.input_transform, dt_proj.input_quantizer)
-    if (ssu is not None and not lc.fmt.quantized and fast_gate and plain_dt_proj
-            and _plain(mixer.ssm_x, mixer.ssm_B, mixer.ssm_C, mixer.ssm_dt)):
+    if (ssu is not None and not lc.fmt.quantized and fast_gate and plain_dt_proj and mixer.bcdt_rms_eps is None
+            and _plain(mixer.ssm_x, mixer.ssm_B, mixer.ssm_C, mixer.ssm_dt)):  # FalconMamba's norms: _ssm_inputs
         x_dbl = mixer.x_proj(x)
         dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
         # as mamba-ssm's Mamba.step: dt_proj's bias goes in as dt_bias (its kernel needs one), softplus fused
