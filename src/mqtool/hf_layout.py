@@ -64,7 +64,7 @@ def hf_model_type(d: dict[str, Any]) -> str | None:
     if mt is None:
         return None
     if mt not in ARCHITECTURES:
-        raise MqtoolError(f"config.json is a Hugging Face {mt!r} model; mqtool reads "
+        raise MqtoolError(f"config.json is not a Mamba config but a Hugging Face {mt!r} model; mqtool reads "
                           f"{', '.join(ARCHITECTURES.values())}")
     return mt
 
