@@ -15,8 +15,7 @@ pytest.importorskip("triton")
 
 from mqtool.kernels import INTERPRET, act_quant, act_quant_ref  # noqa: E402
 from mqtool.kernels._common import interpreter_problem  # noqa: E402
-from mqtool.kernels.act_quant import act_quant_triton  # noqa: E402
-from mqtool.kernels.act_quant import act_fake_quant, act_fake_quant_ref  # noqa: E402
+from mqtool.kernels.act_quant import act_fake_quant, act_fake_quant_ref, act_quant_triton  # noqa: E402
 from mqtool.quant.quantizers import fake_quantize_per_token, quantize_per_token  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

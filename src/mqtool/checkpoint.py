@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mqtool import __version__
+from mqtool import __version__, hf_layout
 from mqtool.atomic import interrupted_copy, leftover_of, sweep, write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel
@@ -41,7 +41,9 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass
 class Manifest:
     """What `mqtool.json` holds. `stages` is the history; `quant` maps tensor or module names to
-    their quantization spec; `online` lists what inference must apply at run time."""
+    their quantization spec; `online` lists what inference must apply at run time. `layout` is the
+    on-disk layout the checkpoint came in and goes out in ("state-spaces" or "hf", with the HF
+    config.json it came with in `hf_config`; see hf_layout)."""
 
     source: str = ""
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -49,11 +51,14 @@ class Manifest:
     online: dict[str, Any] = field(default_factory=dict)
     exported: bool = False
     format_version: int = FORMAT_VERSION
+    layout: str = hf_layout.STATE_SPACES
+    hf_config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "mqtool", "format_version": self.format_version, "mqtool_version": __version__,
                 "source": self.source, "exported": self.exported, "stages": self.stages,
-                "quant": self.quant, "online": self.online}
+                "quant": self.quant, "online": self.online, "layout": self.layout,
+                **({"hf_config": self.hf_config} if self.hf_config else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -64,7 +69,8 @@ class Manifest:
                               f"up to {FORMAT_VERSION}: upgrade mqtool")
         return cls(source=d.get("source", ""), stages=list(d.get("stages", [])), quant=dict(d.get("quant", {})),
                    online=dict(d.get("online", {})), exported=bool(d.get("exported", False)),
-                   format_version=d.get("format_version", FORMAT_VERSION))
+                   format_version=d.get("format_version", FORMAT_VERSION),
+                   layout=d.get("layout", hf_layout.STATE_SPACES), hf_config=dict(d.get("hf_config", {})))
 
     def stage_names(self) -> list[str]:
         return [s["stage"] for s in self.stages]
@@ -140,15 +146,18 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(spec: str | Path) -> Checkpoint:
     """Reads config, manifest and raw tensors (no model is built)."""
     path = resolve(spec)
-    config = MambaConfig.load(path / "config.json")
+    config, hf_config = hf_layout.load_config(path / "config.json")
     manifest = Manifest(source=str(spec))
     if (path / MANIFEST).exists():
         try:
             manifest = Manifest.from_dict(json.loads((path / MANIFEST).read_text()))
         except json.JSONDecodeError as e:
             raise MqtoolError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    state = _load_weights(path)
+    if hf_config is not None:  # the directory's config.json says the layout, whatever the manifest says
+        manifest.layout, manifest.hf_config, state = hf_layout.HF, hf_config, hf_layout.state_from_hf(state)
     tok = path / "tokenizer.json"
-    return Checkpoint(path, config, manifest, _load_weights(path), tok if tok.exists() else None)
+    return Checkpoint(path, config, manifest, state, tok if tok.exists() else None)
 
 
 def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None = None,
@@ -291,11 +300,16 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
                     tokenizer_path: Path | None = None, force: bool = False,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Writes a checkpoint directory atomically (see mqtool.atomic): a kill at any instant leaves
-    either the complete new checkpoint or the previous one; an existing `out` is replaced only with force."""
+    either the complete new checkpoint or the previous one; an existing `out` is replaced only with force.
+    The config and tensor names are written in the manifest's layout (state-spaces or Hugging Face)."""
 
     def fill(tmp: Path) -> None:
-        config.save(tmp / "config.json")
-        _save_sharded({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, max_shard_bytes)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        emb = tensors.get("backbone.embedding.weight")
+        hf_layout.write_config(tmp / "config.json", config, manifest.layout, manifest.hf_config,
+                               None if emb is None else emb.dtype)
+        _save_sharded(hf_layout.state_to_hf(tensors) if manifest.layout == hf_layout.HF else tensors, tmp,
+                      max_shard_bytes)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
