@@ -258,6 +258,19 @@ def test_known_model_metrics(lm_eval_mod, tmp_path: Path) -> None:
         assert 2 * WRONG + right * RIGHT < 2 * WRONG < (2 * WRONG + right * RIGHT) / chars
 
 
+@pytest.mark.slow
+def test_no_local_file_is_lm_evals_hub_task(lm_eval_mod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task without a local file is lm-eval's own (the hub); offline, that is a one-line error."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MqtoolError, match=r"^winogrande: lm-eval could not read the hub .*allenai/winogrande") as err:
+        zs.evaluate_tasks(recording_lm(lm_eval_mod), "winogrande", tmp_path, limit=1)
+    assert "\n" not in str(err.value)
+
+
 def test_mqtool_is_a_registered_lm_eval_model(lm_eval_mod, data_root: Path) -> None:
     """``import mqtool.evaluate`` registers "mqtool": simple_evaluate(model="mqtool", model_args=...)
     builds it from a checkpoint and gives what the command's path gives."""
