@@ -98,8 +98,7 @@ def eval_cmd(
 
 
 class Backend(str, Enum):
-    builtin = "builtin"
-    lm_eval = "lm-eval"
+    lm_eval = "lm-eval"  # the only scorer: lm-eval's tasks and metrics
 
 
 def zeroshot(
@@ -111,49 +110,42 @@ def zeroshot(
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 16,
     mode: Annotated[Mode, typer.Option(help="parallel, recurrent, or auto: recurrent when states are quantized.")]
     = Mode.auto,
-    backend: Annotated[Backend, typer.Option(help="builtin (mqtool's scorer) or lm-eval (lm-eval's task definitions "
-                                             "through the adapter; pip install mqtool[eval]).")] = Backend.builtin,
+    backend: Annotated[Backend, typer.Option(help="lm-eval (its task definitions and metrics; "
+                                             "pip install mqtool[eval]).")] = Backend.lm_eval,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
-    """Zero-shot accuracy as lm-eval scores it (acc, acc_norm; LAMBADA acc and perplexity), from the
-    task files in <data root>/zeroshot."""
+    """Zero-shot accuracy scored by lm-eval (lm_eval.simple_evaluate; acc, acc_norm; LAMBADA acc and
+    perplexity), from the task files in <data root>/zeroshot where they are, else from the hub."""
     from mqtool.data import load_tokenizer
     from mqtool.evaluate import zeroshot as zs
 
     names = zs.parse_tasks(tasks)
-    zs.zeroshot_dir(data_dir)  # fail before loading the model
+    from mqtool.evaluate.lm_eval_adapter import MqtoolLM  # fails in one line without lm-eval
+
     net, ckpt = _load(model, dtype, device)
     tok = load_tokenizer(ckpt.path, data_dir)
     run_mode = mode.value
     if run_mode == "auto":
         run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") else "parallel"
-    if backend == Backend.lm_eval:
-        from mqtool.evaluate.lm_eval_adapter import evaluate_tasks
+    lm = MqtoolLM(net, tok, batch_size=batch_size, mode=run_mode)
+    results = zs.evaluate_tasks(lm, names, data_dir, limit)
+    import lm_eval
 
-        results = evaluate_tasks(net, tok, names, data_dir, limit, batch_size, run_mode)
-    else:
-        results = {}
-        for name in names:
-            task = zs.load_task(name, data_dir, limit)
-            with _progress() as p:
-                bar = p.add_task(f"{name} ({run_mode})", total=task.n_requests)
-                results[name] = zs.evaluate(net, tok, task, batch_size, run_mode,
-                                            on_batch=lambda k, bar=bar: p.advance(bar, k))
     first = f", first {limit} examples" if limit else ""
-    table = Table(title=f"{model}: zero-shot ({dtype.value}, {run_mode}, {backend.value}{first})")
-    for col in ("task", "metric", "value", "±", "n"):
+    table = Table(title=f"{model}: zero-shot ({dtype.value}, {run_mode}, lm-eval {lm_eval.__version__}{first})")
+    for col in ("task", "metric", "value", "±", "n", "seconds"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, r in results.items():
         for metric, value in r.metrics.items():
             se = r.stderr.get(metric)
             shown = f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
-            table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n))
+            table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n), f"{r.seconds:.1f}")
     out.print(table)
     if json_path:
-        json_path.write_text(json.dumps({"model": model, "backend": backend.value, "mode": run_mode,
+        json_path.write_text(json.dumps({"model": model, "lm_eval": lm_eval.__version__, "mode": run_mode,
                                          "dtype": dtype.value, "limit": limit,
                                          "results": {k: r.to_dict() for k, r in results.items()}}, indent=2) + "\n")
 
