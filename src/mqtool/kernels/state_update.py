@@ -250,7 +250,7 @@ if HAS_TRITON:
         STAT_MAX: tl.constexpr, STAT_SQRT: tl.constexpr,
         HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr,
         HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, EPS: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, EXACT_DIV: tl.constexpr,
     ):
         # One program per (batch, head) = pid; its [P, N] state is walked in blocks of BLOCK_P rows,
         # twice when it is quantized: the first pass finds the scales (a column scale spans every
@@ -311,8 +311,13 @@ if HAS_TRITON:
                 ao = tl.abs(ho)
                 if METHOD == 0:
                     s_c = _channel_scale(ae, ao, N, METHOD, QMAX, STAT_MAX, STAT_SQRT, EPS)
-                    col_e = tl.maximum(col_e, tl.max(tl.math.div_rn(ae, s_c[:, None]), axis=0))
-                    col_o = tl.maximum(col_o, tl.max(tl.math.div_rn(ao, s_c[:, None]), axis=0))
+                    if EXACT_DIV:
+                        col_e = tl.maximum(col_e, tl.max(tl.math.div_rn(ae, s_c[:, None]), axis=0))
+                        col_o = tl.maximum(col_o, tl.max(tl.math.div_rn(ao, s_c[:, None]), axis=0))
+                    else:  # one division a row, a multiply an element (an ulp off at times)
+                        inv = tl.math.div_rn(tl.full([BLOCK_P], 1.0, tl.float32), s_c)
+                        col_e = tl.maximum(col_e, tl.max(ae * inv[:, None], axis=0))
+                        col_o = tl.maximum(col_o, tl.max(ao * inv[:, None], axis=0))
                 elif METHOD >= 2:
                     col_e = tl.maximum(col_e, tl.max(ae, axis=0))
                     col_o = tl.maximum(col_o, tl.max(ao, axis=0))
@@ -344,8 +349,13 @@ if HAS_TRITON:
                     s_c = s_c * s_t
                 step_e = s_c[:, None] * s_se[None, :]
                 step_o = s_c[:, None] * s_so[None, :]
-                ce = quant_codes(tl.math.div_rn(he, step_e), QMAX)
-                co = quant_codes(tl.math.div_rn(ho, step_o), QMAX)
+                if EXACT_DIV:
+                    ce = quant_codes(tl.math.div_rn(he, step_e), QMAX)
+                    co = quant_codes(tl.math.div_rn(ho, step_o), QMAX)
+                else:
+                    inv_c = tl.math.div_rn(tl.full([BLOCK_P], 1.0, tl.float32), s_c)
+                    ce = quant_codes(he * (inv_c[:, None] * tl.math.div_rn(one, s_se)[None, :]), QMAX)
+                    co = quant_codes(ho * (inv_c[:, None] * tl.math.div_rn(one, s_so)[None, :]), QMAX)
                 mask_te = mask_p[:, None] & mask_e[None, :]
                 if STORAGE == 0:
                     mask_to = mask_p[:, None] & mask_o[None, :]
@@ -372,7 +382,7 @@ def state_update_triton(
     scale_state: torch.Tensor | None = None, bits: int = 8, channel_stat: str = "abs.mean.sqrt",
     method: str = "dsq", fake_quant: bool = False, dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
-    num_warps: int | None = None, block_p: int | None = None,
+    num_warps: int | None = None, block_p: int | None = None, exact_div: bool = True,
 ) -> torch.Tensor:
     """Launch the kernel (arguments as :func:`state_update`).
 
@@ -409,6 +419,7 @@ def state_update_triton(
     bj = triton.next_power_of_2((n + 1) // 2)
     # rows per block: ~2K values a block keeps the registers few and many programs resident
     bp = block_p or max(1, min(triton.next_power_of_2(p), 2048 // bj))
+    assert bp & (bp - 1) == 0, f"block_p must be a power of two, got {bp}"
     if num_warps is None:
         num_warps = 4
     lo, hi = (float(v) for v in dt_limit)
@@ -420,7 +431,7 @@ def state_update_triton(
         STAT_MAX=channel_stat.startswith("abs.max"), STAT_SQRT=channel_stat.endswith(".sqrt"),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_CLAMP=(lo, hi) != (0.0, float("inf")),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, EPS=STATE_EPS,
-        BLOCK_P=bp, BLOCK_J=bj, num_warps=num_warps,
+        BLOCK_P=bp, BLOCK_J=bj, EXACT_DIV=exact_div, num_warps=num_warps,
     )
     return y
 
