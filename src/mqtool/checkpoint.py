@@ -196,12 +196,34 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
         from mqtool.quant.export import import_state_dict
 
         state = import_state_dict(state, ckpt.manifest.quant.get("weights", {}))
-    return build_model(ckpt.config, state, dtype, device, ckpt.manifest.online), ckpt
+    model = build_model(ckpt.config, state, dtype, device, ckpt.manifest.online)
+    if dtype != torch.float32 and not ckpt.manifest.exported:
+        _keep_quantized(model, state, ckpt.manifest)
+    return model, ckpt
+
+
+def _keep_quantized(model: MambaLMHeadModel, state: dict[str, torch.Tensor], manifest: Manifest) -> None:
+    """In bf16/fp16 the quantized weights keep their codes, so that a later stage saves them exactly."""
+    from mqtool.pipeline import weight_specs
+    from mqtool.quant.weights import keep_codes
+
+    for name, spec in weight_specs(manifest.stages).items():
+        w = state.get(name)
+        if w is not None and w.dtype == torch.float32 and name.endswith(".weight"):
+            keep_codes(model.get_submodule(name[: -len(".weight")]), w, spec["bits"], spec.get("group_size"))
 
 
 def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
-    """What goes into model.safetensors: the tied lm_head is not stored (as state-spaces does)."""
+    """What goes into model.safetensors: the tied lm_head is not stored (as state-spaces does); a
+    quantized weight of a bf16/fp16 model is stored as its exact float32 value (``q * scale``, which
+    the compute dtype rounds), so that export recovers its codes."""
+    from mqtool.quant.weights import exact_weight
+
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        w = exact_weight(module)
+        if w is not None:
+            state[f"{name}.weight"] = w.contiguous()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state

@@ -62,8 +62,9 @@ from mqtool.models.layers import causal_conv1d
 from mqtool.models.lm import Block
 from mqtool.models.mamba1 import Mamba
 from mqtool.models.mamba2 import Mamba2
-from mqtool.quant.quantizers import ActQuantizer, fake_quantize_weight
+from mqtool.quant.quantizers import ActQuantizer, dequantize_weight, fake_quantize_weight
 from mqtool.quant.states import StateQuantizer, quantize_one_step
+from mqtool.quant.weights import KEPT_CODES, keep_codes
 
 __all__ = ["TRAINABLE", "apply_reconstruct", "qat_block_forward", "qat_mixer_forward", "trainable_rows"]
 
@@ -405,9 +406,20 @@ def _grid_point(w: Tensor, spec: dict[str, Any]) -> Tensor:
 
 
 @torch.no_grad()
-def _regrid(param: Tensor, spec: dict[str, Any]) -> None:
-    """Put a trained weight back on its grid (:func:`_grid_point`), in place."""
-    param.copy_(_grid_point(param, spec).to(param.dtype))
+def _regrid(lin: nn.Module, spec: dict[str, Any]) -> None:
+    """Put a trained weight back on its grid (:func:`_grid_point`), in place (keeping its codes
+    where the weight is bf16/fp16, as the quantize stage does)."""
+    w = lin.weight.detach().float()
+    kept = getattr(lin, KEPT_CODES, None)
+    if kept is not None:  # what did not train keeps its exact value, not that value's bf16 rounding
+        exact = dequantize_weight(*kept).to(w.device)
+        w = torch.where(exact.to(lin.weight.dtype) == lin.weight.detach(), exact, w)
+    keep_codes(lin, _grid_point(w, spec), spec["bits"], spec.get("group_size"))
+
+
+def _owner(block: nn.Module, param_name: str) -> nn.Module:
+    """The module holding a block's parameter (``mixer.in_proj.weight`` -> ``mixer.in_proj``)."""
+    return block.get_submodule(param_name.rpartition(".")[0])
 
 
 def _check_weight_specs(weight_specs: Any, model: MambaLMHeadModel) -> dict[str, dict[str, Any]]:
@@ -588,12 +600,13 @@ def apply_reconstruct(
         before = _block_loss(block, *fit, batch_size, device)
         check_before = _block_loss(block, *check, batch_size, device) if n_check else before
         original = {name: p.detach().clone() for name, (p, _) in params[i].items()} if restore_worse else {}
+        codes = {name: getattr(_owner(block, name), KEPT_CODES, None) for name in params[i]}
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         grids = {name: weight_specs[f"backbone.layers.{i}.{name}"] for name in params[i]
                  if f"backbone.layers.{i}.{name}" in weight_specs}
         _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device, grids)
         for name, spec in grids.items():
-            _regrid(params[i][name][0], spec)
+            _regrid(_owner(block, name), spec)
         after = _block_loss(block, *fit, batch_size, device)
         check_after = _block_loss(block, *check, batch_size, device) if n_check else after
         rec = {"block": i, "loss_before": before, "loss_after": after,
@@ -604,6 +617,8 @@ def apply_reconstruct(
             with torch.no_grad():
                 for name, (p, _) in params[i].items():
                     p.copy_(original[name])
+                    if codes[name] is not None:
+                        setattr(_owner(block, name), KEPT_CODES, codes[name])
         del original
         blocks.append(rec)
         hidden, residual = target, next_residual  # the next block's FP inputs

@@ -1,0 +1,73 @@
+"""Inputs the tool must refuse (or handle) cleanly: every case runs the CLI in-process and expects a
+non-zero exit with a one-line `error:` message naming the problem, never a traceback (mqtool issue 16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import run_cli
+from mqtool.checkpoint import load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one thread, restored after
+
+CALIB = ("--calib-data", "demo", "--samples", "4", "--seqlen", "64")
+
+
+def one_line_error(code: int, err: str, *needles: str) -> str:
+    """Asserts a refusal: exit 2 and a single `error:` line (no traceback) containing every needle."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ 5: bf16/fp16 quantized weights export
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("recipe", ["w8a8-rtn", "w4a8-gptq"])
+def test_low_precision_quantize_exports(capsys, tmp_path: Path, dtype: str, recipe: str):
+    q, x = tmp_path / "q", tmp_path / "x"
+    code, _, err = run_cli(capsys, "quantize", "demo", "--recipe", recipe, "--dtype", dtype, *CALIB, "-o", str(q))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "export", str(q), "-o", str(x))
+    assert code == 0, err
+    stored = load_file(q / "model.safetensors")
+    w = stored["backbone.layers.0.mixer.in_proj.weight"]
+    assert w.dtype == torch.float32  # the exact q * scale, not its rounding to the compute dtype
+    # the exported model computes what the simulated one does, in the same dtype
+    dt = getattr(torch, dtype)
+    sim, _ = load_model(q, dtype=dt)
+    exp, _ = load_model(x, dtype=dt)
+    for (name, a), (_, b) in zip(sim.state_dict().items(), exp.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_low_precision_chain_keeps_codes(capsys, tmp_path: Path):
+    """A later stage run in bf16 (here quantize-states) stores the quantized weights exactly, too."""
+    q, s, x = tmp_path / "q", tmp_path / "s", tmp_path / "x"
+    assert run_cli(capsys, "quantize", "demo", "--recipe", "w8a8-rtn", "--dtype", "bfloat16", "-o", str(q))[0] == 0
+    assert run_cli(capsys, "quantize-states", str(q), "--dtype", "bfloat16", "-o", str(s))[0] == 0
+    code, _, err = run_cli(capsys, "export", str(s), "-o", str(x))
+    assert code == 0, err
+
+
+def test_export_of_a_low_precision_weight_says_why(capsys, tmp_path: Path):
+    """A checkpoint written before the fix (quantized weights stored in bf16) is refused without
+    blaming the user."""
+    from mqtool.checkpoint import load_checkpoint, save_checkpoint
+
+    q, old, x = tmp_path / "q", tmp_path / "old", tmp_path / "x"
+    assert run_cli(capsys, "quantize", "demo", "--recipe", "w8a8-rtn", "-o", str(q))[0] == 0
+    ck = load_checkpoint(q)
+    state = {k: v.bfloat16() for k, v in ck.state_dict.items()}
+    save_checkpoint(old, ck.config, state, ck.manifest, ck.tokenizer_path)
+    line = one_line_error(*run_cli(capsys, "export", str(old), "-o", str(x))[::2], "bfloat16", "quantize")
+    assert "changed after" not in line
