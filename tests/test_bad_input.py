@@ -71,3 +71,66 @@ def test_export_of_a_low_precision_weight_says_why(capsys, tmp_path: Path):
     save_checkpoint(old, ck.config, state, ck.manifest, ck.tokenizer_path)
     line = one_line_error(*run_cli(capsys, "export", str(old), "-o", str(x))[::2], "bfloat16", "quantize")
     assert "changed after" not in line
+
+
+# ------------------------------------------------------------------ 6: NaN / Inf weights and statistics
+
+
+DEMO = Path(__file__).parent.parent / "src" / "mqtool" / "assets" / "demo-mamba2"
+BAD_TENSOR = "backbone.layers.1.mixer.out_proj.weight"
+
+
+def _demo_with(tmp_path: Path, name: str, edit) -> Path:
+    """A copy of the demo checkpoint with `edit(state)` applied to its tensors."""
+    from mqtool.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(DEMO)
+    state = dict(ck.state_dict)
+    edit(state)
+    return save_checkpoint(tmp_path / name, ck.config, state, ck.manifest, ck.tokenizer_path)
+
+
+def _poison(value: float):
+    def edit(state):
+        w = state[BAD_TENSOR].clone()
+        w[3, 5] = value
+        state[BAD_TENSOR] = w
+    return edit
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+@pytest.mark.parametrize("command", [["eval", "--tasks", "demo"], ["quantize", "--weights", "8", "-o", "OUT"],
+                                     ["calibrate", "--data", "demo", "--samples", "2", "--seqlen", "32",
+                                      "-o", "OUT"]])
+def test_non_finite_weight_refused(capsys, tmp_path: Path, value: float, kind: str, command: list[str]):
+    bad = _demo_with(tmp_path, "bad", _poison(value))
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    one_line_error(*run_cli(capsys, args[0], str(bad), *args[1:])[::2], BAD_TENSOR, kind)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_non_finite_calibration_refused(capsys, tmp_path: Path):
+    from mqtool.calibrate import Calibration
+
+    calib = tmp_path / "calib"
+    assert run_cli(capsys, "calibrate", "demo", "--data", "demo", "--samples", "2", "--seqlen", "32",
+                   "-o", str(calib))[0] == 0
+    c = Calibration.load(calib)
+    name = "backbone.layers.0.mixer.in_proj.absmax"
+    c.stats[name][0] = float("nan")
+    c.save(calib)
+    one_line_error(*run_cli(capsys, "quantize", "demo", "--weights", "8", "--weight-method", "gptq",
+                            "--calib", str(calib), "-o", str(tmp_path / "q"))[::2], name)
+
+
+def test_calibration_that_overflows_is_refused():
+    """Statistics are checked as they are made (an fp16 overflow would otherwise become scales)."""
+    from mqtool.calibrate import calibrate
+    from mqtool.errors import MqtoolError
+
+    model, _ = load_model(DEMO)
+    with torch.no_grad():
+        model.get_parameter(BAD_TENSOR)[3, 5] = float("inf")
+    windows = torch.randint(0, 100, (2, 16))
+    with pytest.raises(MqtoolError, match="calibration statistic .* is not finite"):
+        calibrate(model, windows, {}, state_samples=0)

@@ -140,7 +140,20 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
         except json.JSONDecodeError as e:
             raise MqtoolError(f"{path / MANIFEST} is not valid JSON: {e}") from None
     tok = path / "tokenizer.json"
-    return Checkpoint(path, config, manifest, _load_weights(path), tok if tok.exists() else None)
+    state = _load_weights(path)
+    check_finite(state, f"{path}: weight")
+    return Checkpoint(path, config, manifest, state, tok if tok.exists() else None)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuses NaN or Inf in any float tensor, naming the first one: a NaN weight would otherwise
+    give a `nan` perplexity with exit 0, and RTN would spread it over its row (one scale)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            kinds = " and ".join(k for k, m in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))) if bool(m.any()))
+            raise MqtoolError(f"{what} {name} holds {int(bad.sum())} {kinds} value(s) (first at index "
+                              f"{tuple(int(i) for i in bad.nonzero()[0])}); it cannot be used")
 
 
 def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None = None,
