@@ -134,3 +134,54 @@ def test_calibration_that_overflows_is_refused():
     windows = torch.randint(0, 100, (2, 16))
     with pytest.raises(MqtoolError, match="calibration statistic .* is not finite"):
         calibrate(model, windows, {}, state_samples=0)
+
+
+# ------------------------------------------------------------------ 7: a transformed checkpoint without its manifest
+
+
+@pytest.mark.parametrize("stage, transform", [(["rotate", "demo", "--method", "hadamard"], "hadamard"),
+                                              (["quantize", "demo", "--weights", "8", "--acts", "8"], "act_quant")])
+def test_transformed_checkpoint_without_manifest_refused(capsys, tmp_path: Path, stage: list[str], transform: str):
+    out = tmp_path / "out"
+    assert run_cli(capsys, *stage, "-o", str(out))[0] == 0
+    assert run_cli(capsys, "eval", str(out), "--tasks", "demo")[0] == 0  # with its manifest it loads
+    (out / "mqtool.json").unlink()
+    one_line_error(*run_cli(capsys, "eval", str(out), "--tasks", "demo")[::2], "mqtool.online_transforms",
+                   transform, "mqtool.json")
+
+
+def test_exported_checkpoint_without_manifest_refused(capsys, tmp_path: Path):
+    q, x = tmp_path / "q", tmp_path / "x"
+    assert run_cli(capsys, "rotate", "demo", "--method", "hadamard", "-o", str(tmp_path / "r"))[0] == 0
+    assert run_cli(capsys, "quantize", str(tmp_path / "r"), "--weights", "4", "-o", str(q))[0] == 0
+    assert run_cli(capsys, "export", str(q), "-o", str(x))[0] == 0
+    (x / "mqtool.json").unlink()
+    one_line_error(*run_cli(capsys, "eval", str(x), "--tasks", "demo")[::2], "hadamard", "mqtool.json")
+
+
+def test_manifest_that_disagrees_with_the_tensors_refused(capsys, tmp_path: Path):
+    """A rotated checkpoint's manifest replaced by a plain one (no online transforms)."""
+    import json
+
+    out = tmp_path / "r"
+    assert run_cli(capsys, "rotate", "demo", "--method", "hadamard", "-o", str(out))[0] == 0
+    m = json.loads((out / "mqtool.json").read_text())
+    m["online"] = {}
+    (out / "mqtool.json").write_text(json.dumps(m))
+    one_line_error(*run_cli(capsys, "eval", str(out), "--tasks", "demo")[::2], "hadamard",
+                   "no online transforms")
+
+
+def test_attached_tensor_without_manifest_refused(capsys, tmp_path: Path):
+    """Tensors a plain model lacks (an activation quantizer's static scale), without mqtool.json."""
+    name = "backbone.layers.0.mixer.out_proj.input_quantizer.scale"
+    bad = _demo_with(tmp_path, "bad", lambda s: s.update({name: torch.tensor(0.5)}))
+    (bad / "mqtool.json").unlink()
+    one_line_error(*run_cli(capsys, "eval", str(bad), "--tasks", "demo")[::2], name, "mqtool.json")
+
+
+def test_plain_checkpoint_without_manifest_still_loads(capsys, tmp_path: Path):
+    plain = _demo_with(tmp_path, "plain", lambda s: None)
+    (plain / "mqtool.json").unlink()
+    code, _, err = run_cli(capsys, "eval", str(plain), "--tasks", "demo")
+    assert code == 0, err

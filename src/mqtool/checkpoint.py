@@ -35,6 +35,9 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+# A tensor in the weights of a checkpoint with online transforms (their names, as JSON bytes): the
+# tensors alone are then a different model, and must not load as a plain one when mqtool.json is lost.
+TRANSFORMED = "mqtool.online_transforms"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -142,7 +145,42 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
     tok = path / "tokenizer.json"
     state = _load_weights(path)
     check_finite(state, f"{path}: weight")
+    _check_transforms(path, config, state, manifest if (path / MANIFEST).exists() else None)
     return Checkpoint(path, config, manifest, state, tok if tok.exists() else None)
+
+
+def mark_transformed(state: dict[str, torch.Tensor], online: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`state` plus the TRANSFORMED tensor when `online` names any transform."""
+    if not online:
+        return state
+    return {**state, TRANSFORMED: torch.tensor(list(json.dumps(sorted(online)).encode()), dtype=torch.uint8)}
+
+
+def _check_transforms(path: Path, config: MambaConfig, state: dict[str, torch.Tensor],
+                      manifest: Manifest | None) -> None:
+    """Tensors that say the checkpoint was transformed must come with the manifest that says how
+    (pops the TRANSFORMED tensor: nothing after loading sees it)."""
+    marker = state.pop(TRANSFORMED, None)
+    said: list[str] = []
+    if marker is not None:
+        try:
+            said = json.loads(bytes(marker.to(torch.uint8).tolist()).decode())
+        except (ValueError, TypeError):
+            said = ["?"]
+    if manifest is None:
+        if said:
+            raise MqtoolError(f"{path}: tensor {TRANSFORMED} says the model was transformed "
+                              f"({', '.join(map(str, said))}) but there is no {MANIFEST}: restore it "
+                              "(without it this is a different model)")
+        with torch.device("meta"):
+            plain = set(MambaLMHeadModel(config).state_dict())
+        extra = sorted(set(state) - plain)
+        if extra:
+            raise MqtoolError(f"{path}: tensor {extra[0]} is not part of a plain model (written by an mqtool stage?) "
+                              f"and there is no {MANIFEST} to say what it is")
+    elif marker is not None and sorted(said) != sorted(manifest.online):
+        raise MqtoolError(f"{path}: tensor {TRANSFORMED} says the model was transformed ({', '.join(map(str, said))}), "
+                          f"but {MANIFEST} records {', '.join(sorted(manifest.online)) or 'no online transforms'}")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -226,10 +264,11 @@ def _keep_quantized(model: MambaLMHeadModel, state: dict[str, torch.Tensor], man
             keep_codes(model.get_submodule(name[: -len(".weight")]), w, spec["bits"], spec.get("group_size"))
 
 
-def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
+def model_state_dict(model: MambaLMHeadModel, online: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """What goes into model.safetensors: the tied lm_head is not stored (as state-spaces does); a
     quantized weight of a bf16/fp16 model is stored as its exact float32 value (``q * scale``, which
-    the compute dtype rounds), so that export recovers its codes."""
+    the compute dtype rounds), so that export recovers its codes; with `online` transforms (the
+    manifest's), the TRANSFORMED tensor that names them."""
     from mqtool.quant.weights import exact_weight
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -239,7 +278,7 @@ def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
             state[f"{name}.weight"] = w.contiguous()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    return state
+    return mark_transformed(state, online or {})
 
 
 def checkpoint_hash(path: Path) -> str:

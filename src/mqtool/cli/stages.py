@@ -98,7 +98,8 @@ def _stage_command(model: str, output: Path, stage: str, params: dict, calib_dir
     record = run_stage(net, online, stage, params, calib=calib, windows=windows, **(extra or {}))
     manifest = record_stage(ckpt.manifest, stage, {**params, "record": record}, ckpt.input_hash)
     manifest.online = online
-    save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
+    save_checkpoint(output, net.config, model_state_dict(net, manifest.online), manifest, ckpt.tokenizer_path,
+                    force=force)
     err.print(f"{stage}: wrote {output} in {time.perf_counter() - start:.1f}s")
 
 
@@ -286,7 +287,8 @@ def quantize(
                                 ckpt.input_hash)
     if records:
         manifest.online = records[-1]["online"]
-    save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
+    save_checkpoint(output, net.config, model_state_dict(net, manifest.online), manifest, ckpt.tokenizer_path,
+                    force=force)
     err.print(f"recipe {rec.name}: wrote {output} in {seconds:.1f}s ({_stage_times(records)})")
 
 
@@ -343,7 +345,14 @@ def export(
 ) -> None:
     """Pack quantized weights as integer codes + scales (int8; int4 two to a byte), the form the
     integer kernels consume. Loading the export gives exactly the simulated model's weights."""
-    from mqtool.checkpoint import check_output_dir, checkpoint_hash, load_checkpoint, record_stage, save_checkpoint
+    from mqtool.checkpoint import (
+        check_output_dir,
+        checkpoint_hash,
+        load_checkpoint,
+        mark_transformed,
+        record_stage,
+        save_checkpoint,
+    )
     from mqtool.pipeline import weight_specs
     from mqtool.quant.export import export_state_dict
 
@@ -359,7 +368,8 @@ def export(
     manifest = record_stage(ckpt.manifest, "export", {"tensors": len(specs)}, checkpoint_hash(ckpt.path))
     manifest.exported = True
     manifest.quant["weights"] = specs
-    save_checkpoint(output, ckpt.config, state, manifest, ckpt.tokenizer_path, force=force)
+    save_checkpoint(output, ckpt.config, mark_transformed(state, manifest.online), manifest, ckpt.tokenizer_path,
+                    force=force)
     before = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
     after = sum(v.numel() * v.element_size() for v in state.values())
     err.print(f"export: wrote {output} ({len(specs)} quantized tensors; weights {before / 2**20:.1f} MiB -> "
