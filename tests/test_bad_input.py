@@ -185,3 +185,97 @@ def test_plain_checkpoint_without_manifest_still_loads(capsys, tmp_path: Path):
     (plain / "mqtool.json").unlink()
     code, _, err = run_cli(capsys, "eval", str(plain), "--tasks", "demo")
     assert code == 0, err
+
+
+# ------------------------------------------------------------------ 11/12: manifests
+
+
+@pytest.fixture
+def rotated(capsys, tmp_path: Path) -> Path:
+    out = tmp_path / "rot"
+    assert run_cli(capsys, "rotate", "demo", "--method", "hadamard", "-o", str(out))[0] == 0
+    return out
+
+
+def _edit_manifest(ckpt: Path, edit) -> None:
+    import json
+
+    m = json.loads((ckpt / "mqtool.json").read_text())
+    edit(m)
+    (ckpt / "mqtool.json").write_text(json.dumps(m))
+
+
+def _set(key, value):
+    return lambda m: m.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_set("format_version", "1"), "format_version"),                       # 11: a version given as a string
+    (_set("format_version", 0), "format_version"),                         # 12: version 0
+    (lambda m: m["stages"][0].pop("stage"), "no 'stage' name"),             # 11: a stage entry without its name
+    (lambda m: m["stages"][0].update(stage="rotat"), "'rotat'"),            # 12: an unknown stage
+    (_set("stages", "rotate"), "'stages' must be a list"),
+    (_set("online", ["hadamard"]), "'online' must be a mapping"),          # 11: online of the wrong type
+    (lambda m: m["online"].update(hadamard="yes"), "'hadamard' must be a mapping"),
+    (lambda m: m["online"]["hadamard"].pop("targets"), "malformed online transforms"),
+    (lambda m: m["online"]["hadamard"].update(targets="out_proj"), "online transforms: unknown linear targets"),
+    (_set("exported", "no"), "'exported' must be true or false"),
+    (lambda m: m.clear() or m.update(format="mqtool", online=7), "'online' must be a mapping"),
+])
+def test_malformed_manifest_refused(capsys, rotated: Path, edit, needle: str):
+    _edit_manifest(rotated, edit)
+    one_line_error(*run_cli(capsys, "eval", str(rotated), "--tasks", "demo")[::2], "mqtool.json", needle)
+
+
+def test_manifest_json_not_a_mapping_refused(capsys, rotated: Path):
+    (rotated / "mqtool.json").write_text("[1, 2]")
+    one_line_error(*run_cli(capsys, "eval", str(rotated), "--tasks", "demo")[::2], "not an mqtool manifest")
+
+
+def test_known_stages_match_the_registry():
+    """The manifest's list of stage names is the pipeline's registry plus export and the demo's train."""
+    from mqtool.checkpoint import KNOWN_STAGES
+    from mqtool.pipeline import STAGES
+
+    assert set(KNOWN_STAGES) == set(STAGES) | {"export", "train"}
+
+
+# ------------------------------------------------------------------ 12: silently accepted
+
+
+def test_parallel_mode_on_quantized_states_refused(capsys, tmp_path: Path):
+    st = tmp_path / "st"
+    assert run_cli(capsys, "quantize-states", "demo", "-o", str(st))[0] == 0
+    one_line_error(*run_cli(capsys, "eval", str(st), "--tasks", "demo", "--mode", "parallel")[::2],
+                   "--mode recurrent")
+    code, _, err = run_cli(capsys, "eval", str(st), "--tasks", "demo", "--max-windows", "1")
+    assert code == 0, err  # auto: recurrent
+
+
+def test_json_has_no_nan(capsys, tmp_path: Path):
+    """Finite weights that overflow in float16: the ppl is not a number, and --json prints null."""
+    import json
+
+    huge = _demo_with(tmp_path, "huge", lambda s: s.update({"backbone.embedding.weight":
+                                                             s["backbone.embedding.weight"] * 1e5}))
+    code, out, err = run_cli(capsys, "eval", str(huge), "--tasks", "demo", "--dtype", "float16", "--json",
+                             "--max-windows", "1")
+    assert code == 0, err
+    assert "NaN" not in out and "Infinity" not in out
+    res = json.loads(out)["results"]["demo"]
+    assert res["ppl"] is None
+    assert "not finite" in err or "perplexity is" in err
+
+
+def test_absurd_n_layer_refused_before_building(capsys, tmp_path: Path):
+    import json
+    import time
+
+    big = _demo_with(tmp_path, "big", lambda s: None)
+    cfg = json.loads((big / "config.json").read_text())
+    cfg["n_layer"] = 10_000_000
+    (big / "config.json").write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    one_line_error(*run_cli(capsys, "eval", str(big), "--tasks", "demo")[::2], "n_layer=10000000",
+                   "hold 4 of those layers")
+    assert time.perf_counter() - start < 30

@@ -38,6 +38,9 @@ DEFAULT_SHARD_BYTES = 4 * 1024**3
 # A tensor in the weights of a checkpoint with online transforms (their names, as JSON bytes): the
 # tensors alone are then a different model, and must not load as a plain one when mqtool.json is lost.
 TRANSFORMED = "mqtool.online_transforms"
+# What a manifest's history may hold: the stages (pipeline.STAGES), export, and the demo model's training
+KNOWN_STAGES = ("train", "rotate", "smooth", "quantize", "quantize-states", "reconstruct", "export")
+_KIND_NAMES = {str: "a string", list: "a list", dict: "a mapping", bool: "true or false"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,14 +63,34 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        if d.get("format") != "mqtool":
+        """Checks every field (a malformed manifest is one line, not a traceback later)."""
+        if not isinstance(d, dict) or d.get("format") != "mqtool":
             raise MqtoolError("mqtool.json is not an mqtool manifest")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise MqtoolError(f"mqtool.json has format version {d['format_version']}; this mqtool reads "
+        version = d.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise MqtoolError(f"mqtool.json: format_version must be an integer from 1, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise MqtoolError(f"mqtool.json has format version {version}; this mqtool reads "
                               f"up to {FORMAT_VERSION}: upgrade mqtool")
-        return cls(source=d.get("source", ""), stages=list(d.get("stages", [])), quant=dict(d.get("quant", {})),
-                   online=dict(d.get("online", {})), exported=bool(d.get("exported", False)),
-                   format_version=d.get("format_version", FORMAT_VERSION))
+        for key, kind in (("source", str), ("stages", list), ("quant", dict), ("online", dict), ("exported", bool)):
+            if key in d and not isinstance(d[key], kind):
+                raise MqtoolError(f"mqtool.json: {key!r} must be {_KIND_NAMES[kind]}, got {type(d[key]).__name__}")
+        stages = list(d.get("stages", []))
+        for i, entry in enumerate(stages):
+            name = entry.get("stage") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                raise MqtoolError(f"mqtool.json: stage entry {i + 1} has no 'stage' name")
+            if name not in KNOWN_STAGES:
+                raise MqtoolError(f"mqtool.json: stage entry {i + 1} is {name!r}, unknown to this mqtool "
+                                  f"(known: {', '.join(KNOWN_STAGES)}): made by a newer mqtool?")
+            if not isinstance(entry.get("params", {}), dict):
+                raise MqtoolError(f"mqtool.json: stage entry {i + 1} ({name}): 'params' must be a mapping")
+        online = dict(d.get("online", {}))
+        for key, spec in online.items():
+            if not isinstance(spec, dict):
+                raise MqtoolError(f"mqtool.json: online transform {key!r} must be a mapping, got {type(spec).__name__}")
+        return cls(source=d.get("source", ""), stages=stages, quant=dict(d.get("quant", {})),
+                   online=online, exported=d.get("exported", False), format_version=version)
 
     def stage_names(self) -> list[str]:
         return [s["stage"] for s in self.stages]
@@ -145,8 +168,22 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
     tok = path / "tokenizer.json"
     state = _load_weights(path)
     check_finite(state, f"{path}: weight")
+    _check_layer_count(path, config, state)
     _check_transforms(path, config, state, manifest if (path / MANIFEST).exists() else None)
     return Checkpoint(path, config, manifest, state, tok if tok.exists() else None)
+
+
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
+
+
+def _check_layer_count(path: Path, config: MambaConfig, state: dict[str, torch.Tensor]) -> None:
+    """config.json's n_layer against the layers the weights hold, before any model is built (an
+    absurd n_layer would otherwise spend minutes building layers only to fail the shape check)."""
+    layers = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
+    held = len({i for i in layers if i < config.n_layer})
+    if held < config.n_layer:  # (layers beyond n_layer are build_model's "unexpected tensors")
+        raise MqtoolError(f"weights do not match config.json: it says n_layer={config.n_layer}, "
+                          f"the weights hold {held} of those layers")
 
 
 def mark_transformed(state: dict[str, torch.Tensor], online: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -200,11 +237,9 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
     """A model from a config, with weights when given (built on the meta device, so a large model
     is not initialised only to be overwritten), and the manifest's online transforms attached
     (their scales are read from the same state dict). Without weights: random init."""
-    from mqtool.quant.attach import apply_online
-
     if state_dict is None:
         model = MambaLMHeadModel(config).to(device=device, dtype=dtype)
-        return apply_online(model, online or {})
+        return _attach(model, online or {})
     with torch.device("meta"):
         model = MambaLMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -224,7 +259,7 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
     model.load_state_dict(base, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
-    apply_online(model, online or {})
+    _attach(model, online or {})
     # what is left are the attached modules' buffers (scales): exactly those, no more, no less
     attached = set(model.state_dict()) - set(expected) - {"lm_head.weight"}
     if set(state) != attached:
@@ -237,6 +272,18 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
     if state:
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
     return model.eval()
+
+
+def _attach(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHeadModel:
+    """apply_online, with a malformed entry (a missing key, a wrong type) as one line."""
+    from mqtool.quant.attach import apply_online
+
+    try:
+        return apply_online(model, online)
+    except MqtoolError as e:
+        raise MqtoolError(f"mqtool.json: online transforms: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MqtoolError(f"mqtool.json: malformed online transforms ({type(e).__name__}: {e})") from None
 
 
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,

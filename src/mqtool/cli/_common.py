@@ -3,6 +3,8 @@ are resolved and a checkpoint loaded."""
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -98,6 +100,33 @@ def _load_integer(spec: str, dtype: DType, device: str):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+
+
+def _run_mode(mode: str, online: dict, recurrent: bool = False) -> str:
+    """The evaluation mode: `auto` is recurrent when the states are quantized (or `recurrent` asks
+    for it); parallel on a state-quantized model is refused, as the parallel scan has no state to quantize."""
+    if mode == "auto":
+        return "recurrent" if online.get("state_quantizer") or recurrent else "parallel"
+    if mode == "parallel" and online.get("state_quantizer"):
+        raise MqtoolError("this checkpoint quantizes the recurrent state, which the parallel scan would ignore: "
+                          "use --mode recurrent (or auto), or evaluate the checkpoint before quantize-states")
+    return mode
+
+
+def _finite(obj):
+    """`obj` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json(obj, indent: int | None = 2) -> str:
+    """Strict JSON (a non-finite number becomes null, which every JSON reader takes)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -17,9 +17,11 @@ from mqtool.cli._common import (
     DType,
     DTypeOpt,
     _dtype,
+    _json,
     _load,
     _load_integer,
     _progress,
+    _run_mode,
     _split,
     _task_spec,
     err,
@@ -66,9 +68,7 @@ def eval_cmd(
         raise MqtoolError("--tasks is empty")
     net, ckpt = (_load_integer if kernels else _load)(model, dtype, device)
     tok = load_tokenizer(ckpt.path, data_dir)
-    run_mode = mode.value
-    if run_mode == "auto":
-        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") or runtime else "parallel"
+    run_mode = _run_mode(mode.value, ckpt.manifest.online, recurrent=runtime)
     if runtime:
         from mqtool.runtime import Runtime
 
@@ -86,8 +86,10 @@ def eval_cmd(
             res = perplexity(net, windows, mode=run_mode, batch_size=batch_size,
                              on_batch=lambda k, bar=bar: p.advance(bar, k))
         results[task] = res.to_dict()
+        if not math.isfinite(res.ppl):  # finite weights (checked on load) that overflow in this dtype
+            err.print(f"warning: {task}: perplexity is {res.ppl} (the activations overflow in {dtype.value}?)")
     if json_out:
-        print(json.dumps({"model": model, "results": results}, indent=2))
+        print(_json({"model": model, "results": results}))
         return
     table = Table(title=f"{model}  (seqlen {seqlen}, {dtype.value})")
     for col in ("task", "ppl", "windows", "tokens", "mode", "seconds"):
@@ -127,9 +129,7 @@ def zeroshot(
     zs.zeroshot_dir(data_dir)  # fail before loading the model
     net, ckpt = _load(model, dtype, device)
     tok = load_tokenizer(ckpt.path, data_dir)
-    run_mode = mode.value
-    if run_mode == "auto":
-        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") else "parallel"
+    run_mode = _run_mode(mode.value, ckpt.manifest.online)
     if backend == Backend.lm_eval:
         from mqtool.evaluate.lm_eval_adapter import evaluate_tasks
 
@@ -153,9 +153,9 @@ def zeroshot(
             table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n))
     out.print(table)
     if json_path:
-        json_path.write_text(json.dumps({"model": model, "backend": backend.value, "mode": run_mode,
-                                         "dtype": dtype.value, "limit": limit,
-                                         "results": {k: r.to_dict() for k, r in results.items()}}, indent=2) + "\n")
+        json_path.write_text(_json({"model": model, "backend": backend.value, "mode": run_mode,
+                                    "dtype": dtype.value, "limit": limit,
+                                    "results": {k: r.to_dict() for k, r in results.items()}}) + "\n")
 
 
 class StateDType(str, Enum):
@@ -244,7 +244,7 @@ def bench(
     if plot is not None:
         plot_sweep(all_rows, str(plot))
     if json_out:
-        print(json.dumps({"rows": all_rows}, indent=2))
+        print(_json({"rows": all_rows}))
         return
     gib = 2**30
     table = Table(title=f"bench ({dtype.value}, {all_rows[0]['device']}, {gen_len} decode steps)")
@@ -351,8 +351,8 @@ def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_p
     if markdown:
         markdown.write_text("\n".join(md) + "\n")
     if json_path:
-        json_path.write_text(json.dumps({"model": model, "seqlen": seqlen, "max_windows": max_windows,
-                                         "rows": rows}, indent=2) + "\n")
+        json_path.write_text(_json({"model": model, "seqlen": seqlen, "max_windows": max_windows,
+                                    "rows": rows}) + "\n")
 
 
 def demo(
