@@ -279,3 +279,97 @@ def test_absurd_n_layer_refused_before_building(capsys, tmp_path: Path):
     one_line_error(*run_cli(capsys, "eval", str(big), "--tasks", "demo")[::2], "n_layer=10000000",
                    "hold 4 of those layers")
     assert time.perf_counter() - start < 30
+
+
+# ------------------------------------------------------------------ 11: one line where a traceback was
+
+
+def test_recipe_samples_not_a_number(capsys, tmp_path: Path):
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text("name: two\ncalibration: {data: demo, samples: \"two\", seqlen: 32}\n"
+                      "stages:\n  - quantize: {weights: {bits: 8, method: gptq}}\n")
+    one_line_error(*run_cli(capsys, "quantize", "demo", "--recipe", str(recipe), "-o", str(tmp_path / "q"))[::2],
+                   "samples", "'two'")
+
+
+def test_recipe_yaml_error_is_one_line(capsys, tmp_path: Path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: x\nstages:\n  - quantize: {weights: {bits: 8\n")
+    one_line_error(*run_cli(capsys, "quantize", "demo", "--recipe", str(recipe), "-o", str(tmp_path / "q"))[::2],
+                   "cannot parse recipe")
+
+
+def test_pickle_with_objects_is_one_line(capsys, tmp_path: Path):
+    import shutil
+
+    ck = tmp_path / "pk"
+    shutil.copytree(DEMO, ck)
+    (ck / "model.safetensors").unlink()
+    torch.save({"x": Path("p")}, ck / "pytorch_model.bin")  # a global that weights_only refuses
+    line = one_line_error(*run_cli(capsys, "eval", str(ck), "--tasks", "demo")[::2], "pytorch_model.bin",
+                          "more than tensors")
+    assert "weights_only` set to `False`" not in line  # torch's advice to unpickle it unsafely is not repeated
+
+
+def test_fallback_tokenizer_larger_than_vocabulary(capsys, tmp_path: Path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("MQTOOL_DATA", "/work/shared/data")
+    ck = tmp_path / "notok"
+    shutil.copytree(DEMO, ck)
+    (ck / "tokenizer.json").unlink()
+    from mqtool.data import NEOX_LOCAL, data_root
+
+    root = data_root(None)
+    if root is None or not (root / NEOX_LOCAL).is_file():
+        pytest.skip("needs the GPT-NeoX tokenizer under $MQTOOL_DATA")
+    one_line_error(*run_cli(capsys, "eval", str(ck), "--tasks", "demo")[::2], "no tokenizer.json", "2048")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta"])
+def test_bad_device(capsys, device: str):
+    one_line_error(*run_cli(capsys, "eval", "demo", "--tasks", "demo", "--device", device)[::2], "--device")
+
+
+def test_output_below_a_file(capsys, tmp_path: Path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for args in (["quantize", "demo", "--weights", "8", "-o", str(f / "q")],
+                 ["calibrate", "demo", "--data", "demo", "--samples", "2", "--seqlen", "32", "-o", str(f / "c")],
+                 ["compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--markdown", str(f / "x.md")],
+                 ["compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--json", str(f / "x.json")]):
+        one_line_error(*run_cli(capsys, *args)[::2], "is a file")
+
+
+def test_reconstruct_state_dir_below_a_file(capsys, tmp_path: Path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    st = tmp_path / "st"
+    assert run_cli(capsys, "quantize-states", "demo", "-o", str(st))[0] == 0
+    one_line_error(*run_cli(capsys, "reconstruct", str(st), "--calib-data", "demo", "--samples", "2", "--seqlen",
+                            "32", "--state-dir", str(f / "s"), "-o", str(tmp_path / "r"))[::2], "is a file")
+
+
+def test_compare_markdown_into_a_missing_directory(capsys, tmp_path: Path):
+    md = tmp_path / "new" / "dir" / "table.md"
+    code, _, err = run_cli(capsys, "compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--seqlen", "128",
+                           "--max-windows", "1", "--markdown", str(md))
+    assert code == 0, err
+    assert md.read_text().startswith("| recipe |")
+
+
+@pytest.mark.parametrize("damage", ["block", "json"])
+def test_truncated_esr_state_file(capsys, tmp_path: Path, monkeypatch, damage: str):
+    import mqtool.quant.reconstruct as rc
+
+    st, sdir = tmp_path / "st", tmp_path / "esr"
+    assert run_cli(capsys, "quantize-states", "demo", "-o", str(st))[0] == 0
+    args = ["reconstruct", str(st), "--calib-data", "demo", "--samples", "2", "--seqlen", "32", "--epochs", "1",
+            "--state-dir", str(sdir), "-o", str(tmp_path / "r"), "--force"]
+    with monkeypatch.context() as m:  # keep the state files, as an interrupted run does
+        m.setattr(rc, "clear_state_dir", lambda d: None)
+        assert run_cli(capsys, *args)[0] == 0
+    target = sdir / ("block-0001.safetensors" if damage == "block" else "esr.json")
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    one_line_error(*run_cli(capsys, *args)[::2], str(target), "start over")

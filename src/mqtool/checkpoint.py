@@ -148,8 +148,12 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             return state
         if (path / TORCH_WEIGHTS).exists():
             return torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError,
-            pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:  # torch's message is a page of advice to unpickle it unsafely
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise MqtoolError(f"{path}: {TORCH_WEIGHTS} holds more than tensors"
+                          + (f" ({found.group(1)})" if found else "")
+                          + "; mqtool loads it only as plain tensors (weights_only): save it as safetensors") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, EOFError, json.JSONDecodeError) as e:
         raise MqtoolError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
                           "the file may be truncated or corrupt") from None
     raise MqtoolError(f"{path}: no weights ({WEIGHTS}, {WEIGHTS_INDEX} or {TORCH_WEIGHTS})")
@@ -365,6 +369,12 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
         raise MqtoolError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and any(out.iterdir()) and not is_mqtool_output(out):  # an empty one loses nothing
         raise MqtoolError(f"{out} is not an mqtool checkpoint; --force replaces only a directory mqtool wrote")
+    _check_creatable(out)
+    return out
+
+
+def _check_creatable(out: Path) -> None:
+    """`out` can be made (with its missing parents): its nearest existing ancestor is a writable directory."""
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -372,7 +382,33 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
         raise MqtoolError(f"cannot create {out}: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MqtoolError(f"cannot create {out}: {parent} is not writable")
+
+
+def check_output_file(out: str | Path, what: str) -> Path:
+    """Fails early (before any work) when a report file (`what`: the option) cannot be written at
+    `out`; the caller creates missing parents when it writes (:func:`prepare_output_file`)."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise MqtoolError(f"{what} {out} is a directory; give a file name")
+    if not out.exists():
+        _check_creatable(out)
+    elif not os.access(out, os.W_OK):
+        raise MqtoolError(f"{what} {out} is not writable")
     return out
+
+
+def prepare_output_file(out: Path) -> Path:
+    """`out` with its missing parent directories made."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_state_dir(sdir: Path) -> None:
+    """A directory a stage keeps its progress in: an existing directory, or one that can be made."""
+    if sdir.exists() and not sdir.is_dir():
+        raise MqtoolError(f"--state-dir {sdir} is a file; give a directory")
+    if not sdir.exists():
+        _check_creatable(sdir)
 
 
 def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:

@@ -57,8 +57,16 @@ def _device(device: str):
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MqtoolError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MqtoolError(f"--device {device!r}: mqtool runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise MqtoolError("--device cuda asked for, but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MqtoolError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -127,6 +135,21 @@ def _finite(obj):
 def _json(obj, indent: int | None = 2) -> str:
     """Strict JSON (a non-finite number becomes null, which every JSON reader takes)."""
     return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _tokenizer(ckpt, data_dir: Path | None):
+    """The checkpoint's tokenizer (or the GPT-NeoX fallback), refused when it has more tokens than
+    the model has embeddings (every id past them would fail deep in the embedding)."""
+    from mqtool.data import load_tokenizer
+
+    tok = load_tokenizer(ckpt.path, data_dir)
+    n, vocab = tok.vocab_size, ckpt.config.padded_vocab_size
+    if n > vocab:
+        if ckpt.tokenizer_path is None:
+            raise MqtoolError(f"{ckpt.path} has no tokenizer.json, and the fallback GPT-NeoX tokenizer has {n} tokens, "
+                              f"more than the model's vocabulary of {vocab}: put the model's tokenizer.json beside it")
+        raise MqtoolError(f"{ckpt.tokenizer_path} has {n} tokens, more than the model's vocabulary of {vocab}")
+    return tok
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -24,6 +24,7 @@ from mqtool.cli._common import (
     _run_mode,
     _split,
     _task_spec,
+    _tokenizer,
     err,
     out,
 )
@@ -60,14 +61,14 @@ def eval_cmd(
                                                           "state cache (default: the model's dtype).")] = None,
 ) -> None:
     """Perplexity, GPTQ-style: non-overlapping windows, mean NLL over every predicted token."""
-    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.data import eval_tokens, eval_windows
     from mqtool.evaluate.perplexity import perplexity
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
         raise MqtoolError("--tasks is empty")
     net, ckpt = (_load_integer if kernels else _load)(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     run_mode = _run_mode(mode.value, ckpt.manifest.online, recurrent=runtime)
     if runtime:
         from mqtool.runtime import Runtime
@@ -122,13 +123,15 @@ def zeroshot(
 ) -> None:
     """Zero-shot accuracy as lm-eval scores it (acc, acc_norm; LAMBADA acc and perplexity), from the
     task files in <data root>/zeroshot."""
-    from mqtool.data import load_tokenizer
+    from mqtool.checkpoint import check_output_file, prepare_output_file
     from mqtool.evaluate import zeroshot as zs
 
     names = zs.parse_tasks(tasks)
     zs.zeroshot_dir(data_dir)  # fail before loading the model
+    if json_path is not None:
+        json_path = check_output_file(json_path, "--json")
     net, ckpt = _load(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     run_mode = _run_mode(mode.value, ckpt.manifest.online)
     if backend == Backend.lm_eval:
         from mqtool.evaluate.lm_eval_adapter import evaluate_tasks
@@ -153,9 +156,9 @@ def zeroshot(
             table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n))
     out.print(table)
     if json_path:
-        json_path.write_text(_json({"model": model, "backend": backend.value, "mode": run_mode,
-                                    "dtype": dtype.value, "limit": limit,
-                                    "results": {k: r.to_dict() for k, r in results.items()}}) + "\n")
+        report = {"model": model, "backend": backend.value, "mode": run_mode, "dtype": dtype.value, "limit": limit,
+                  "results": {k: r.to_dict() for k, r in results.items()}}
+        prepare_output_file(json_path).write_text(_json(report) + "\n")
 
 
 class StateDType(str, Enum):
@@ -270,8 +273,9 @@ def compare(
     seqlen: Annotated[int, typer.Option(min=2, help="Evaluation window.")] = 2048,
     max_windows: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    samples: Annotated[int | None, typer.Option(help="Override every recipe's calibration samples.")] = None,
-    calib_seqlen: Annotated[int | None, typer.Option(help="Override every recipe's calibration seqlen.")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override every recipe's calibration samples.")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(min=2, help="Override every recipe's calibration seqlen.")]
+    = None,
     calib_data: Annotated[str | None, typer.Option(help="Override every recipe's calibration data.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as markdown here.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
@@ -281,15 +285,18 @@ def compare(
 ) -> None:
     """Run each recipe on MODEL and tabulate perplexity, full precision first (the papers' Table 1 shape).
     Recipes with a state quantizer are evaluated in recurrent mode, the rest in parallel mode."""
-    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.checkpoint import check_output_file
+    from mqtool.data import eval_tokens, eval_windows
     from mqtool.evaluate.perplexity import perplexity
     from mqtool.pipeline import load_recipe
 
     names = _split(recipes_) or []
     recs = [load_recipe(n) for n in names]  # fail on a bad name before any work
+    markdown = None if markdown is None else check_output_file(markdown, "--markdown")
+    json_path = None if json_path is None else check_output_file(json_path, "--json")
     task_list = _split(tasks) or []
     net, ckpt = _load(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     windows = {t: eval_windows(eval_tokens(_task_spec(t), tok, seqlen, data_dir), seqlen, max_windows=max_windows)
                for t in task_list}
     rows = []
@@ -330,6 +337,8 @@ def _esr_summary(records: list[dict]) -> dict:
 
 
 def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path) -> None:
+    from mqtool.checkpoint import prepare_output_file
+
     fp = rows[0]
     limit = f", first {max_windows} windows" if max_windows else ""
     table = Table(title=f"{model}: perplexity (seqlen {seqlen}{limit})")
@@ -349,10 +358,10 @@ def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_p
         md.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {r['mode']} | {r['seconds']:.1f} |")
     out.print(table)
     if markdown:
-        markdown.write_text("\n".join(md) + "\n")
+        prepare_output_file(markdown).write_text("\n".join(md) + "\n")
     if json_path:
-        json_path.write_text(_json({"model": model, "seqlen": seqlen, "max_windows": max_windows,
-                                    "rows": rows}) + "\n")
+        report = {"model": model, "seqlen": seqlen, "max_windows": max_windows, "rows": rows}
+        prepare_output_file(json_path).write_text(_json(report) + "\n")
 
 
 def demo(

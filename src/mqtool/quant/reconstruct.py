@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -478,6 +479,17 @@ def clear_state_dir(state_dir: Path) -> None:
         state_dir.rmdir()
 
 
+def _load_state_file(path: Path, state_dir: Path) -> dict[str, Tensor]:
+    """A block's or the inputs' saved tensors; a truncated or damaged file is one line."""
+    if not path.exists():
+        raise MqtoolError(f"{path} is missing; remove {state_dir} to start over")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MqtoolError(f"{path} cannot be read ({type(e).__name__}: {e}), truncated by an interruption? "
+                          f"remove {state_dir} to start over") from None
+
+
 def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadModel,
             names: list[Rows]) -> tuple[list[dict], Tensor | None, Tensor | None]:
     """Restores the finished blocks; returns (their losses, next hidden, next residual)."""
@@ -486,8 +498,11 @@ def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadMode
         return [], None, None
     try:
         state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MqtoolError(f"{path} is not valid JSON ({e}); remove {state_dir} to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("blocks", []), list) \
+            or not all(isinstance(b, dict) for b in state.get("blocks", [])):
+        raise MqtoolError(f"{path} is not an ESR state file; remove {state_dir} to start over")
     if state.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         raise MqtoolError(f"{state_dir} holds an ESR run with other settings, model or calibration windows; "
                           "use another state directory or remove it to start over")
@@ -498,7 +513,7 @@ def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadMode
                           f"remove {state_dir} to start over")
     for rec in blocks:
         i = rec["block"]
-        saved = load_file(_block_file(state_dir, i))
+        saved = _load_state_file(_block_file(state_dir, i), state_dir)
         with torch.no_grad():
             for name, (p, _) in names[i].items():
                 if name not in saved:
@@ -507,10 +522,11 @@ def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadMode
                 p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
     if not blocks or len(blocks) == len(layers):
         return blocks, None, None
-    if not _inputs_file(state_dir, len(blocks)).exists():
-        raise MqtoolError(f"{_inputs_file(state_dir, len(blocks))} is missing; remove {state_dir} to start over")
-    inputs = load_file(_inputs_file(state_dir, len(blocks)))
-    return blocks, inputs["hidden"], inputs["residual"]
+    inputs = _load_state_file(_inputs_file(state_dir, len(blocks)), state_dir)
+    if "hidden" not in inputs:
+        raise MqtoolError(f"{_inputs_file(state_dir, len(blocks))} lacks the hidden states; "
+                          f"remove {state_dir} to start over")
+    return blocks, inputs["hidden"], inputs.get("residual")
 
 
 # ----------------------------------------------------------------------------------- stage
