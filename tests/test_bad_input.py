@@ -50,6 +50,28 @@ def test_low_precision_quantize_exports(capsys, tmp_path: Path, dtype: str, reci
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_low_precision_state_dict_is_exact(dtype):
+    """Unit: apply_quantize on a bf16/fp16 model; model_state_dict gives float32 weights on the grid
+    (weight_codes accepts them), which the compute dtype rounds to the model's weight; a weight changed
+    afterwards is stored as it is (its kept codes no longer apply)."""
+    from mqtool.checkpoint import model_state_dict
+    from mqtool.quant.weights import apply_quantize, exact_weight, weight_codes
+
+    model, _ = load_model(DEMO, dtype=dtype)
+    rec = apply_quantize(model, {}, None, weights={"bits": 4, "group_size": 32})
+    state = model_state_dict(model)
+    for name, spec in rec["tensors"].items():
+        assert state[name].dtype == torch.float32
+        weight_codes(state[name], spec)  # raises when off the grid
+        assert torch.equal(state[name].to(dtype), model.get_parameter(name).detach())
+    lin = model.get_submodule("backbone.layers.0.mixer.in_proj")
+    with torch.no_grad():
+        lin.weight[0, 0] += 1
+    assert exact_weight(lin) is None
+    assert model_state_dict(model)["backbone.layers.0.mixer.in_proj.weight"].dtype == dtype
+
+
 def test_low_precision_chain_keeps_codes(capsys, tmp_path: Path):
     """A later stage run in bf16 (here quantize-states) stores the quantized weights exactly, too."""
     q, s, x = tmp_path / "q", tmp_path / "s", tmp_path / "x"

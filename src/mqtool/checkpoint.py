@@ -306,13 +306,17 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
 
 def _keep_quantized(model: MambaLMHeadModel, state: dict[str, torch.Tensor], manifest: Manifest) -> None:
     """In bf16/fp16 the quantized weights keep their codes, so that a later stage saves them exactly."""
+    if "quantize" not in manifest.stage_names():
+        return
     from mqtool.pipeline import weight_specs
     from mqtool.quant.weights import keep_codes
 
     for name, spec in weight_specs(manifest.stages).items():
         w = state.get(name)
         if w is not None and w.dtype == torch.float32 and name.endswith(".weight"):
-            keep_codes(model.get_submodule(name[: -len(".weight")]), w, spec["bits"], spec.get("group_size"))
+            lin = model.get_submodule(name[: -len(".weight")])
+            # on the model's device: a GPU finds the codes of a large model in moments
+            keep_codes(lin, w.to(lin.weight.device), spec["bits"], spec.get("group_size"))
 
 
 def model_state_dict(model: MambaLMHeadModel, online: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

@@ -130,12 +130,14 @@ def keep_codes(lin: nn.Module, wq: Tensor, bits: int, group_size: int | None) ->
     """Copy the quantized float32 weight `wq` (a fixed point of RTN) into `lin.weight`; where that
     is bf16/fp16 the codes and scales are kept beside it, so :func:`exact_weight` can give the
     checkpoint the exact float32 value (about one byte a weight, not a float32 copy)."""
-    lin.weight.data.copy_(wq.to(lin.weight.dtype))
     if lin.weight.dtype == torch.float32:
+        lin.weight.data.copy_(wq)
         if hasattr(lin, KEPT_CODES):
             delattr(lin, KEPT_CODES)
         return
     q, scale = quantize_weight(wq, bits, group_size)
+    # the weight from the codes themselves (wq within an ulp: see _on_grid), so exact_weight agrees with it
+    lin.weight.data.copy_(dequantize_weight(q, scale, group_size).to(lin.weight.dtype))
     setattr(lin, KEPT_CODES, (q, scale, group_size))
 
 
