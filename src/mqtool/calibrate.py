@@ -75,6 +75,13 @@ def _attachment_points(model: MambaLMHeadModel) -> dict[str, tuple[nn.Module, bo
     return points
 
 
+def _check_finite(stats: dict[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """Refuses NaN/Inf statistics (naming the first): every scale and Hessian made from one would be too."""
+    for name, t in stats.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MqtoolError(f"{what} {name} is not finite (NaN or Inf){hint}")
+
+
 @dataclass
 class Calibration:
     stats: dict[str, torch.Tensor]
@@ -116,6 +123,7 @@ class Calibration:
             meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         except Exception as e:
             raise MqtoolError(f"{path}: cannot read calibration ({type(e).__name__}: {e})") from None
+        _check_finite(stats, f"{path}: calibration statistic")
         return cls(stats, meta)
 
 
@@ -169,6 +177,8 @@ def calibrate(model: MambaLMHeadModel, windows: torch.Tensor, meta: dict, batch_
               state_samples: int = 8, on_batch=None) -> Calibration:
     start = time.perf_counter()
     stats = collect(model, windows, batch_size, state_samples, on_batch)
+    _check_finite(stats, "calibration statistic", " (the activations overflow in this dtype, or the weights are "
+                  "damaged; try --dtype float32)")
     meta = {**meta, "samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
             "state_samples": int(min(state_samples, windows.shape[0])),
             "seconds": round(time.perf_counter() - start, 2)}

@@ -82,7 +82,8 @@ def _main() -> None:
         print("terminated", file=sys.stderr)
         sys.exit(143)
     except MqtoolError as e:
-        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped: scripts grep it
+        # one line, never wrapped: scripts grep it (a parser's message may span several: joined)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
