@@ -63,13 +63,15 @@ def bench_batch(b: int, h: int, p: int, n: int, g: int, channel_scale: str, sele
             codes, x, dt, A, B, C, D, sc, ss, bits, channel_scale, dt_bias=dt_bias, dt_softplus=True))
         moved = 2 * (codes.numel() + 4 * (sc.numel() + ss.numel()))
         rows.append((f"mqtool H{bits} {'packed' if bits == 4 else 'int8'}", ms, moved))
-        for exact in (True, False):     # the kernel's knobs: rows per block, warps, division
-            for bp, nw in ((8, 4), (16, 4), (32, 4), (16, 2), (32, 8)):
-                ms = triton.testing.do_bench(lambda codes=codes, sc=sc, ss=ss, bits=bits, bp=bp, nw=nw, ex=exact:
-                                             state_update_triton(codes, x, dt, A, B, C, D, sc, ss, bits,
-                                                                 channel_scale, dt_bias=dt_bias, dt_softplus=True,
-                                                                 block_p=bp, num_warps=nw, exact_div=ex))
-                rows.append((f"  H{bits} rows{bp} w{nw} {'div' if exact else 'rcp'}", ms, moved))
+        knobs = [(True, True, bp, nw) for bp, nw in ((4, 4), (8, 4), (16, 4), (4, 2), (8, 2), (32, 4))]
+        knobs += [(False, ex, bp, nw) for ex in (True, False) for bp, nw in ((8, 4), (16, 4), (32, 8))]
+        for split, exact, bp, nw in knobs:   # the kernel's knobs: launches, rows per block, warps, division
+            ms = triton.testing.do_bench(lambda codes=codes, sc=sc, ss=ss, bits=bits, bp=bp, nw=nw, ex=exact, sp=split:
+                                         state_update_triton(codes, x, dt, A, B, C, D, sc, ss, bits,
+                                                             channel_scale, dt_bias=dt_bias, dt_softplus=True,
+                                                             block_p=bp, num_warps=nw, exact_div=ex, split=sp))
+            name = f"{'split' if split else 'whole'} rows{bp} w{nw}{'' if exact else ' rcp'}"
+            rows.append((f"  H{bits} {name}", ms, moved))
     base = rows[0][1]
     for name, ms, moved in rows:
         print(f"batch {b:4d}  {name:22s} {ms * 1e3:9.1f} us  state bytes r+w {moved / 1e6:9.1f} MB  "

@@ -290,8 +290,9 @@ def test_fused_step_size_is_softplus_of_dt_plus_bias(storage):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("b,nh,p,n,g", [(2, 4, 16, 32, 2), (3, 3, 12, 20, 1)])
 def test_row_blocks_give_the_one_block_result(b, nh, p, n, g, method, storage):
-    """The kernel walks the state in blocks of rows (twice when quantizing): blocks of 4 rows (and
-    a partial last block where P = 12 is walked by 8) give the whole-tile reference's step."""
+    """The kernel takes the state in blocks of rows (one program a head walking them twice, or one
+    program a block in three launches): blocks of 4 rows (and a partial last block where P = 12 is
+    taken by 8) give the whole-tile reference's step."""
     from mqtool.packing import pack_int4, unpack_int4
 
     bits = 4
@@ -309,14 +310,15 @@ def test_row_blocks_give_the_one_block_result(b, nh, p, n, g, method, storage):
             assert int(((s_k - s_r).abs() > tol).sum()) <= max(2, 2e-3 * s_r.numel())
             continue
         q, sc, ss = _quantized_state(h0, bits, method=method)
-        wrap = pack_int4 if storage == "packed" else (lambda t: t)
-        kern = [wrap(q), sc.clone(), ss.clone()]
+        wrap = pack_int4 if storage == "packed" else torch.clone
         ref = [q.clone(), sc.clone(), ss.clone()]
-        y = state_update_triton(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits, method=method,
-                                block_p=block_p)
         yr = state_update_ref(ref[0], x, dt, A, B_in, C_in, D, ref[1], ref[2], bits, method=method)
-        codes = unpack_int4(kern[0]) if storage == "packed" else kern[0]
-        _compare(y, yr, [codes, kern[1], kern[2]], ref)
+        for split in (False, True):  # one program a head walking its rows, or one a row block
+            kern = [wrap(q), sc.clone(), ss.clone()]
+            y = state_update_triton(kern[0], x, dt, A, B_in, C_in, D, kern[1], kern[2], bits, method=method,
+                                    block_p=block_p, split=split)
+            codes = unpack_int4(kern[0]) if storage == "packed" else kern[0]
+            _compare(y, yr, [codes, kern[1], kern[2]], ref)
 
 
 def test_bad_arguments_are_refused():

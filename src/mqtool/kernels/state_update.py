@@ -188,6 +188,9 @@ def state_update_ref(
 
 #: The kernel's STORAGE constexpr.
 _STORAGE = {"float": 0, "int8": 1, "packed": 2}
+#: Quantized codes run as three launches over (batch, head, row block) programs rather than one
+#: program a head walking its rows twice (`split=`; docs/results.md has both timed).
+SPLIT_ROWS = True
 
 if HAS_TRITON:
     import triton
@@ -375,6 +378,128 @@ if HAS_TRITON:
                 tl.store(ss_ptr + ss_off, s_se, mask=mask_e)
                 tl.store(ss_ptr + ss_off + 1, s_so, mask=mask_o)
 
+    @triton.jit
+    def _step_size(dt_ptr, dt_bias_ptr, A_ptr, b, hd, stride_dtb, DT_LO, DT_HI, HAS_DT_BIAS: tl.constexpr,
+                   DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr):
+        dt = tl.load(dt_ptr + b * stride_dtb + hd).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + hd).to(tl.float32)
+        if DT_SOFTPLUS:  # torch's softplus: x itself beyond 20
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        if DT_CLAMP:
+            dt = tl.minimum(tl.maximum(dt, DT_LO), DT_HI)
+        return dt, tl.exp(dt * tl.load(A_ptr + hd).to(tl.float32))
+
+    @triton.jit
+    def _split_pass_kernel(
+        state_ptr, sc_ptr, ss_ptr, col_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+        H, P, N, HEADS_PER_GROUP, DT_LO, DT_HI,
+        stride_xb, stride_xh, stride_dtb, stride_bb, stride_bg,
+        STORAGE: tl.constexpr, FAKE: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
+        STAT_MAX: tl.constexpr, STAT_SQRT: tl.constexpr,
+        HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr,
+        HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, EPS: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, SECOND: tl.constexpr,
+    ):
+        # The same step as _state_update_kernel, one program per (batch, head, block of rows), in
+        # launches: the first (SECOND=False) computes y and folds the block's column maxima into
+        # col [b*H, N] (atomic max: order-free, so deterministic); the second recomputes the same h
+        # from the old codes and writes the codes and row scales of its own rows; a third launch
+        # (_split_finish_kernel) turns col into the state scale, which every second-launch program
+        # had to read in its old form.
+        pid = tl.program_id(0)
+        b = pid // H
+        hd = pid % H
+        g = hd // HEADS_PER_GROUP
+        NJ = N // 2
+        offs_j = tl.arange(0, BLOCK_J)
+        mask_e = 2 * offs_j < N
+        mask_o = 2 * offs_j + 1 < N
+        base = pid.to(tl.int64) * P
+        x_row = x_ptr + b * stride_xb + hd * stride_xh
+        dt, dA = _step_size(dt_ptr, dt_bias_ptr, A_ptr, b, hd, stride_dtb, DT_LO, DT_HI, HAS_DT_BIAS, DT_SOFTPLUS,
+                            DT_CLAMP)
+        bc = b * stride_bb + g * stride_bg + 2 * offs_j
+        Be = tl.load(B_ptr + bc, mask=mask_e, other=0.0).to(tl.float32)
+        Bo = tl.load(B_ptr + bc + 1, mask=mask_o, other=0.0).to(tl.float32)
+        ss_off = pid.to(tl.int64) * N + 2 * offs_j
+        if STORAGE != 0:
+            sse = tl.load(ss_ptr + ss_off, mask=mask_e, other=0.0)
+            sso = tl.load(ss_ptr + ss_off + 1, mask=mask_o, other=0.0)
+        else:
+            sse = Be
+            sso = Bo
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        he, ho, x = _new_state(state_ptr, sc_ptr, ss_ptr, x_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o,
+                               N, NJ, x_row, dA, dt, Be, Bo, sse, sso, STORAGE)
+        mask_te = mask_p[:, None] & mask_e[None, :]
+        mask_to = mask_p[:, None] & mask_o[None, :]
+        ae = tl.abs(he)
+        ao = tl.abs(ho)
+        s_c = _channel_scale(ae, ao, N, METHOD, QMAX, STAT_MAX, STAT_SQRT, EPS)
+        if not SECOND:
+            Ce = tl.load(C_ptr + bc, mask=mask_e, other=0.0).to(tl.float32)
+            Co = tl.load(C_ptr + bc + 1, mask=mask_o, other=0.0).to(tl.float32)
+            y = tl.sum(he * Ce[None, :], axis=1) + tl.sum(ho * Co[None, :], axis=1)
+            if HAS_D:
+                if D_PER_CHANNEL:
+                    y += x * tl.load(D_ptr + hd * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+                else:
+                    y += x * tl.load(D_ptr + hd).to(tl.float32)
+            tl.store(y_ptr + base + offs_p, y, mask=mask_p)
+            if METHOD != 1:   # per-channel needs no column maximum
+                if METHOD == 0:
+                    ce = tl.max(tl.math.div_rn(ae, s_c[:, None]), axis=0)
+                    co = tl.max(tl.math.div_rn(ao, s_c[:, None]), axis=0)
+                else:
+                    ce = tl.max(ae, axis=0)
+                    co = tl.max(ao, axis=0)
+                tl.atomic_max(col_ptr + ss_off, ce, mask=mask_e)
+                tl.atomic_max(col_ptr + ss_off + 1, co, mask=mask_o)
+        else:
+            col_e = tl.load(col_ptr + ss_off, mask=mask_e, other=0.0)
+            col_o = tl.load(col_ptr + ss_off + 1, mask=mask_o, other=0.0)
+            one = tl.full([BLOCK_J], 1.0, tl.float32)
+            if METHOD == 0 or METHOD == 2:
+                s_se = tl.math.div_rn(tl.maximum(col_e, EPS), QMAX * 1.0)
+                s_so = tl.math.div_rn(tl.maximum(col_o, EPS), QMAX * 1.0)
+            else:
+                s_se = one
+                s_so = one
+            if METHOD == 3:
+                s_c = s_c * tl.math.div_rn(tl.maximum(tl.maximum(tl.max(col_e, axis=0), tl.max(col_o, axis=0)), EPS),
+                                           QMAX * 1.0)
+            step_e = s_c[:, None] * s_se[None, :]
+            step_o = s_c[:, None] * s_so[None, :]
+            ce = quant_codes(tl.math.div_rn(he, step_e), QMAX)
+            co = quant_codes(tl.math.div_rn(ho, step_o), QMAX)
+            if STORAGE == 0:
+                elem = (base + offs_p[:, None]) * N + 2 * offs_j[None, :]
+                tl.store(state_ptr + elem, ce * step_e, mask=mask_te)
+                tl.store(state_ptr + elem + 1, co * step_o, mask=mask_to)
+            else:
+                pair = (base + offs_p[:, None]) * NJ + offs_j[None, :]
+                ie = ce.to(tl.int32)
+                io = co.to(tl.int32)
+                if STORAGE == 1:
+                    tl.store(state_ptr + pair, ((ie & 0xFF) | (io << 8)).to(tl.int16), mask=mask_te)
+                else:
+                    tl.store(state_ptr + pair, ((ie & 0xF) | (io << 4)).to(tl.int8), mask=mask_te)
+                tl.store(sc_ptr + base + offs_p, s_c, mask=mask_p)
+
+    @triton.jit
+    def _split_finish_kernel(ss_ptr, col_ptr, N, METHOD: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * N + tl.arange(0, BLOCK_N)
+        mask = tl.arange(0, BLOCK_N) < N
+        col = tl.load(col_ptr + offs, mask=mask, other=0.0)
+        if METHOD == 0 or METHOD == 2:
+            s_s = tl.math.div_rn(tl.maximum(col, EPS), QMAX * 1.0)
+        else:
+            s_s = tl.full([BLOCK_N], 1.0, tl.float32)
+        tl.store(ss_ptr + offs, s_s, mask=mask)
+
 
 def state_update_triton(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
@@ -383,6 +508,7 @@ def state_update_triton(
     method: str = "dsq", fake_quant: bool = False, dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
     num_warps: int | None = None, block_p: int | None = None, exact_div: bool = True,
+    split: bool | None = None,
 ) -> torch.Tensor:
     """Launch the kernel (arguments as :func:`state_update`).
 
@@ -423,15 +549,32 @@ def state_update_triton(
     if num_warps is None:
         num_warps = 4
     lo, hi = (float(v) for v in dt_limit)
-    _state_update_kernel[(b * nh,)](
-        words, scale_channel, scale_state, x, dt, dt_bias, A, B_in, C_in, D, y,
-        nh, p, n, nh // B_in.shape[1], lo, min(hi, 3.0e38),
-        x.stride(0), x.stride(1), dt.stride(0), B_in.stride(0), B_in.stride(1),
+    flags = dict(
         STORAGE=_STORAGE[storage], FAKE=fake_quant, METHOD=METHODS.index(method), QMAX=qmax,
         STAT_MAX=channel_stat.startswith("abs.max"), STAT_SQRT=channel_stat.endswith(".sqrt"),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_CLAMP=(lo, hi) != (0.0, float("inf")),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, EPS=STATE_EPS,
-        BLOCK_P=bp, BLOCK_J=bj, EXACT_DIV=exact_div, num_warps=num_warps,
+        BLOCK_P=bp, BLOCK_J=bj,
+    )
+    if split is None:
+        split = SPLIT_ROWS
+    if split and storage != "float":
+        # quantized codes: three launches over (batch, head, row block) programs
+        col = torch.zeros((b * nh, n), dtype=torch.float32, device=x.device)
+        grid = (b * nh, triton.cdiv(p, bp))
+        common = (words, scale_channel, scale_state, col, x, dt, dt_bias, A, B_in, C_in, D, y,
+                  nh, p, n, nh // B_in.shape[1], lo, min(hi, 3.0e38),
+                  x.stride(0), x.stride(1), dt.stride(0), B_in.stride(0), B_in.stride(1))
+        _split_pass_kernel[grid](*common, **flags, SECOND=False, num_warps=num_warps)
+        _split_pass_kernel[grid](*common, **flags, SECOND=True, num_warps=num_warps)
+        _split_finish_kernel[(b * nh,)](scale_state, col, n, METHOD=flags["METHOD"], QMAX=qmax, EPS=STATE_EPS,
+                                        BLOCK_N=triton.next_power_of_2(n), num_warps=1)
+        return y
+    _state_update_kernel[(b * nh,)](
+        words, scale_channel, scale_state, x, dt, dt_bias, A, B_in, C_in, D, y,
+        nh, p, n, nh // B_in.shape[1], lo, min(hi, 3.0e38),
+        x.stride(0), x.stride(1), dt.stride(0), B_in.stride(0), B_in.stride(1),
+        **flags, EXACT_DIV=exact_div, num_warps=num_warps,
     )
     return y
 
