@@ -1,14 +1,13 @@
-"""Zero-shot evaluation: lm-eval's request strings for each task file format, log-likelihoods against a
-hand computation on a full forward pass, batching and padding invariance, metrics on a model whose
-logits are known, the CLI on the demo model and the real task files, and (with lm-eval installed)
-the adapter and lm-eval's own task definitions against the built-in scorer."""
+"""Zero-shot evaluation through lm-eval: the local task files in the Hugging Face schemas lm-eval's
+tasks read (no lm-eval needed), the command's one-line errors, and, with lm-eval installed, the
+requests lm-eval's own task definitions make of the local files, the "mqtool" model in lm-eval's
+registry, the adapter against the scorer, and the command on the demo model and the real files."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from helpers import run_cli
 from mqtool.data import load_tokenizer
 from mqtool.errors import MqtoolError
 from mqtool.evaluate import zeroshot as zs
+from mqtool.evaluate.loglikelihood import loglikelihood_tokens
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "mqtool" / "assets" / "demo-mamba2"
 
@@ -38,7 +38,8 @@ needs_zeroshot = pytest.mark.skipif(
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written examples in each file format, and the requests lm-eval makes of them
+# Hand-written examples in each file format, the HF schema they become, and the requests lm-eval
+# makes of them
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -99,108 +100,61 @@ EXPECTED = {
 }
 
 
+HF_DOCS = {
+    "piqa": [{"goal": "How do I open a jar?", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0},
+             {"goal": "dresser", "sol1": "replace drawer ", "sol2": "finish,  wood", "label": 1}],
+    "arc_easy": [{"question": "Which is a gas?", "choices": {"text": ["rock", "steam", "ice", "wood"],
+                                                             "label": ["A", "B", "C", "D"]}, "answerKey": "B"}],
+    "arc_challenge": [{"question": "Why?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
+                       "answerKey": "3"}],
+    "openbookqa": [{"question_stem": "Fog is most likely around:",
+                    "choices": {"text": ["a marsh", "a desert"], "label": ["A", "B"]}, "answerKey": "A"}],
+    "lambada_openai": [{"text": "I don't care about signs"}, {"text": "She returned and saw the \n\nrecorder"}],
+}
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_requests_follow_lm_eval(data_root: Path, name: str) -> None:
-    task = zs.load_task(name, data_root)
-    got = [(*ex.requests, ex.gold) for ex in task.examples]
-    assert got == EXPECTED[name]
-    assert task.metrics == {"winogrande": ("acc",), "lambada_openai": ("acc", "perplexity")}.get(
-        name, ("acc", "acc_norm"))
+def test_local_files_in_the_hf_schema(data_root: Path, name: str) -> None:
+    path = zs.local_file(name, data_root)
+    assert path == data_root / "zeroshot" / zs.TASKS[name].file
+    docs = zs.hf_docs(name, path)
+    if name in HF_DOCS:
+        assert docs == HF_DOCS[name]
+    else:  # hellaswag and winogrande are read as they are
+        assert docs == [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_limit_aliases_and_errors(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert len(zs.load_task("piqa", data_root, limit=1).examples) == 1
+def test_task_names_and_errors(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert zs.parse_tasks("openbook_qa, piqa,lambada,piqa") == ["openbookqa", "piqa", "lambada_openai"]
     with pytest.raises(MqtoolError, match="unknown zero-shot task 'nope'"):
         zs.parse_tasks("piqa,nope")
     monkeypatch.delenv("MQTOOL_DATA", raising=False)
-    with pytest.raises(MqtoolError, match="--data-dir or MQTOOL_DATA"):
-        zs.load_task("piqa")
-    with pytest.raises(MqtoolError, match="no zeroshot/ folder"):
-        zs.load_task("piqa", tmp_path)
+    assert zs.local_file("piqa") is None  # no data root: the hub
+    assert zs.local_file("piqa", tmp_path) is None  # no zeroshot/ file there: the hub
     (data_root / "zeroshot" / "piqa_valid-labels.lst").write_text("0\n")
     with pytest.raises(MqtoolError, match="1 labels for 2 examples"):
-        zs.load_task("piqa", data_root)
+        zs.hf_docs("piqa", zs.local_file("piqa", data_root))
 
 
-def test_encode_pair_splits_at_the_continuation() -> None:
-    tok = load_tokenizer(DEMO)
-    ctx, cont = zs.encode_pair(tok, "Question: What is a pipe?\nAnswer:", " a file")
-    assert ctx == tok.encode("Question: What is a pipe?\nAnswer:")
-    assert ctx + cont == tok.encode("Question: What is a pipe?\nAnswer: a file")
-    assert tok.decode(cont) == " a file"
-    # trailing spaces of the context move to the continuation, as lm-eval does
-    assert zs.encode_pair(tok, "the kernel ", "module") == zs.encode_pair(tok, "the kernel", " module")
-    # an empty context is the end-of-text token
-    assert zs.encode_pair(tok, "", " x") == ([tok.eos_id], tok.encode(" x"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-likelihoods on tiny random models
-
-
-def random_pairs(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(vocab) for _ in range(rng.randint(1, 19))],
-             [rng.randrange(vocab) for _ in range(rng.randint(1, 6))]) for _ in range(n)]
-
-
-def hand_loglikelihood(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-    """One unpadded forward pass of context + continuation, summed by hand."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ctx + cont]))[0, :, : model.config.vocab_size].double()
-    total, greedy = 0.0, True
-    for j, tok in enumerate(cont):
-        row = logits[len(ctx) - 1 + j]
-        total += float(row[tok] - torch.logsumexp(row, 0))
-        greedy &= int(row.argmax()) == tok
-    return total, greedy
-
-
-@pytest.mark.parametrize("fam", ["mamba1", "mamba2"])
-def test_loglikelihood_equals_hand_sum(config_factory, model_factory, fam: str) -> None:
-    model = model_factory(config_factory(fam))
-    pairs = random_pairs(12, model.config.vocab_size)
-    got = zs.loglikelihood_tokens(model, pairs, batch_size=5)
-    for (ctx, cont), (ll, greedy) in zip(pairs, got, strict=True):
-        want, want_greedy = hand_loglikelihood(model, ctx, cont)
-        assert ll == pytest.approx(want, abs=1e-4)
-        assert greedy == want_greedy
-    # a padding row of the vocabulary (101 real ids, 104 rows) never takes probability mass
-    assert model.lm_head.weight.shape[0] > model.config.vocab_size
-
-
-@pytest.mark.parametrize("fam", ["mamba1", "mamba2"])
-def test_batching_padding_and_order_do_not_change_results(config_factory, model_factory, fam: str) -> None:
-    model = model_factory(config_factory(fam))
-    pairs = random_pairs(11, model.config.vocab_size, seed=1)
-    one = zs.loglikelihood_tokens(model, pairs, batch_size=1)  # no padding at all
-    for bs in (3, 11):
-        many = zs.loglikelihood_tokens(model, pairs, batch_size=bs)
-        assert [g for _, g in many] == [g for _, g in one]
-        assert [ll for ll, _ in many] == pytest.approx([ll for ll, _ in one], abs=1e-5)
-    perm = list(range(len(pairs)))
-    random.Random(2).shuffle(perm)
-    shuffled = zs.loglikelihood_tokens(model, [pairs[i] for i in perm], batch_size=4)
-    assert shuffled == [zs.loglikelihood_tokens(model, pairs, batch_size=4)[i] for i in perm]  # deterministic
-    rec = zs.loglikelihood_tokens(model, pairs, batch_size=4, mode="recurrent")
-    assert [ll for ll, _ in rec] == pytest.approx([ll for ll, _ in one], abs=1e-4)
-
-
-def test_inputs_cut_from_the_left_at_max_length(config_factory, model_factory) -> None:
-    model = model_factory(config_factory("mamba2"))
-    ctx, cont = list(range(1, 21)), [7, 8, 9]
-    got = zs.loglikelihood_tokens(model, [(ctx, cont)], max_length=10)[0]
-    # lm-eval: (context + continuation)[-(max_length + 1):][:-1] is the input
-    kept = (ctx + cont)[-11:]
-    want = hand_loglikelihood(model, kept[:-3], cont)
-    assert got[0] == pytest.approx(want[0], abs=1e-4)
-    with pytest.raises(MqtoolError, match="longer than max_length"):
-        zs.loglikelihood_tokens(model, [(ctx, list(range(12)))], max_length=10)
+def test_cli_errors_are_one_line(capsys, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa,nope", "--data-dir", str(data_root))
+    assert code == 2 and err.startswith("error: unknown zero-shot task 'nope'") and err.count("\n") == 1
+    # without lm-eval, the command says how to get it
+    for mod in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] or ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.delitem(sys.modules, "mqtool.evaluate.lm_eval_adapter", raising=False)
+    code, _, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa", "--limit", "1", "--device", "cpu",
+                           "--data-dir", str(data_root))
+    assert code == 2 and "pip install mqtool[eval]" in err and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------------------------
-# A model whose logits are known: the next character should be the current one + 1
+# With lm-eval
+
+
+@pytest.fixture
+def lm_eval_mod():
+    return pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install mqtool[eval])")
 
 
 V, S = 128, 5.0
@@ -241,119 +195,136 @@ class SuccessorLM(nn.Module):
         return self._logits(ids)
 
 
-def test_metrics_on_a_known_model() -> None:
-    model, tok = SuccessorLM(), CharTokenizer()
-    mc = zs.ZeroShotTask("toy", "multiple_choice", ("acc", "acc_norm"), [
-        # "defz" = 3 right + 1 wrong: loses to "q" (1 wrong) in total, wins per character
-        zs.Example((("abc", "defz"), ("abc", "q")), gold=0, choices=("defz", "q")),
-        zs.Example((("abc", "de"), ("abc", "xy")), gold=0, choices=("de", "xy")),
-        zs.Example((("lmn", "o"), ("lmn", "o")), gold=1, choices=("o", "o")),  # a tie goes to the first
+def recording_lm(lm_eval_mod):
+    """A MqtoolLM on the successor model that keeps each loglikelihood request lm-eval makes."""
+    from mqtool.evaluate.lm_eval_adapter import MqtoolLM
+
+    class Recording(MqtoolLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            for r in requests:
+                self.seen.setdefault(r.task_name, {}).setdefault(r.doc_id, []).append((r.idx, tuple(r.arguments)))
+            return super().loglikelihood(requests, disable_tqdm)
+
+    lm = Recording(SuccessorLM(), CharTokenizer())
+    lm.seen = {}
+    return lm
+
+
+def test_lm_eval_tasks_read_the_local_files(lm_eval_mod, data_root: Path) -> None:
+    """lm-eval's own task definitions on the local files make the requests its tasks make on the
+    hub's rows (EXPECTED), every document once; the metrics are lm-eval's, with their stderr."""
+    lm = recording_lm(lm_eval_mod)
+    results = zs.evaluate_tasks(lm, list(EXPECTED), data_root)
+    for name, want in EXPECTED.items():
+        docs = lm.seen[name]
+        got = [tuple(args for _, args in sorted(docs[d])) for d in sorted(docs)]
+        assert got == [tuple(ex[:-1]) for ex in want], name
+        r = results[name]
+        assert r.n == len(want) and r.source == str(data_root / "zeroshot" / zs.TASKS[name].file)
+        assert set(r.metrics) == ({"acc", "perplexity"} if name == "lambada_openai" else
+                                  {"acc"} if name == "winogrande" else {"acc", "acc_norm"})
+    # lambada on the successor model: " signs" and " \n\nrecorder" are not successors: acc 0
+    assert results["lambada_openai"].metrics["acc"] == 0.0
+    assert results["piqa"].stderr["acc"] is not None
+
+
+def test_limit_is_lm_eval_limit(lm_eval_mod, data_root: Path) -> None:
+    lm = recording_lm(lm_eval_mod)
+    res = zs.evaluate_tasks(lm, "piqa", data_root, limit=1)["piqa"]
+    assert res.n == 1 and list(lm.seen["piqa"]) == [0]
+    assert res.to_dict().keys() >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "seconds"}
+
+
+def test_known_model_metrics(lm_eval_mod, tmp_path: Path) -> None:
+    """acc and acc_norm as lm-eval computes them, on a model whose log-likelihoods are known: each
+    choice is " " + choice after "...Answer:", so ":" -> " " and " " -> its first letter are wrong,
+    then every successor letter is right."""
+    d = tmp_path / "zeroshot"
+    d.mkdir()
+    write_jsonl(d / "arc_easy.jsonl", [
+        # " q" = 2 wrong; " bcdefg" = 2 wrong + 5 right: less in total, more per character (acc_norm)
+        {"query": "Question: abc", "choices": ["q", "bcdefg"], "gold": 1},
+        # " xy" = 2 wrong + 1 right: less than " q" in total and per character is more: acc right only
+        {"query": "Question: abc", "choices": ["xy", "q"], "gold": 1},
+        # " bcd" = 2 wrong + 2 right: acc_norm right only
+        {"query": "Question: abc", "choices": ["bcd", "q"], "gold": 0},
     ])
-    res = zs.evaluate(model, tok, mc, batch_size=2)
+    res = zs.evaluate_tasks(recording_lm(lm_eval_mod), "arc_easy", tmp_path)["arc_easy"]
     assert res.metrics == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3)}
-    assert res.stderr["acc"] == pytest.approx(math.sqrt(1 / 3 / 3))  # sample std (n - 1) / sqrt(n)
-    assert (res.n, res.requests) == (3, 6)
-    scores = zs.loglikelihood_tokens(model, [zs.encode_pair(tok, "abc", "defz")])
-    assert scores[0][0] == pytest.approx(3 * RIGHT + WRONG, abs=1e-5)
-
-    lam = zs.ZeroShotTask("toy", "loglikelihood", ("acc", "perplexity"), [
-        zs.Example((("abc", "de"),)), zs.Example((("abc", "dx"),)),
-    ])
-    res = zs.evaluate(model, tok, lam)
-    assert res.metrics["acc"] == 0.5  # "de" is the greedy continuation of "abc", "dx" is not
-    assert res.metrics["perplexity"] == pytest.approx(math.exp(-(2 * RIGHT + RIGHT + WRONG) / 2), rel=1e-5)
+    assert res.stderr["acc"] == pytest.approx(1 / 3)  # sample std (n - 1) / sqrt(n) of [0, 1, 0]
+    assert res.n == 3
+    # the premises above: each longer choice loses in total and wins per character against " q"
+    for right, chars in ((5, 6), (1, 2), (2, 3)):
+        assert 2 * WRONG + right * RIGHT < 2 * WRONG < (2 * WRONG + right * RIGHT) / chars
 
 
-def test_progress_callback_counts_requests(data_root: Path) -> None:
-    task = zs.ZeroShotTask("toy", "multiple_choice", ("acc",),
-                           [zs.Example((("ab", "c"), ("ab", "d"), ("ab", "e")), 0, ("c", "d", "e"))] * 3)
-    seen: list[int] = []
-    zs.evaluate(SuccessorLM(), CharTokenizer(), task, batch_size=4, on_batch=seen.append)
-    assert seen == [4, 4, 1]
+@pytest.mark.slow
+def test_no_local_file_is_lm_evals_hub_task(lm_eval_mod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task without a local file is lm-eval's own (the hub); offline, that is a one-line error."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MqtoolError, match=r"^winogrande: lm-eval could not read the hub .*allenai/winogrande") as err:
+        zs.evaluate_tasks(recording_lm(lm_eval_mod), "winogrande", tmp_path, limit=1)
+    assert "\n" not in str(err.value)
 
 
-# ---------------------------------------------------------------------------------------------
-# The command line
+def test_mqtool_is_a_registered_lm_eval_model(lm_eval_mod, data_root: Path) -> None:
+    """``import mqtool.evaluate`` registers "mqtool": simple_evaluate(model="mqtool", model_args=...)
+    builds it from a checkpoint and gives what the command's path gives."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
 
-
-@needs_zeroshot
-def test_cli_demo_two_tasks(capsys, tmp_path: Path) -> None:
-    out_json = tmp_path / "zs.json"
-    code, out, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa,arc_easy", "--limit", "3", "--device",
-                             "cpu", "--data-dir", str(shared_data()), "--json", str(out_json))
-    assert code == 0, err
-    assert "piqa" in out and "arc_easy" in out and "acc_norm" in out
-    res = json.loads(out_json.read_text())["results"]
-    assert (res["piqa"]["n"], res["piqa"]["requests"]) == (3, 6)
-    assert (res["arc_easy"]["n"], res["arc_easy"]["requests"]) == (3, 12)
-    for r in res.values():
-        for v in r["metrics"].values():
-            assert v in (0.0, 1 / 3, 2 / 3, 1.0)
-    # the same numbers as the library on the same examples
+    import mqtool.evaluate  # noqa: F401
     from mqtool.checkpoint import load_model
+    from mqtool.evaluate.lm_eval_adapter import MqtoolLM
 
+    assert get_model("mqtool") is MqtoolLM
+    folder = data_root / "tasks"
+    folder.mkdir()
+    zs.write_task_yaml("arc_easy", zs.local_file("arc_easy", data_root), folder)
+    out = lm_eval.simple_evaluate(model="mqtool", model_args=f"pretrained={DEMO},device=cpu,batch_size=2",
+                                  tasks=["arc_easy"], task_manager=TaskManager(include_path=str(folder),
+                                                                               include_defaults=False))
     net, _ = load_model(DEMO)
-    direct = zs.evaluate(net, load_tokenizer(DEMO), zs.load_task("arc_easy", shared_data(), 3))
-    assert res["arc_easy"]["metrics"] == direct.metrics
+    direct = zs.evaluate_tasks(MqtoolLM(net, load_tokenizer(DEMO)), "arc_easy", data_root)["arc_easy"]
+    assert out["results"]["arc_easy"]["acc,none"] == direct.metrics["acc"]
+    assert out["results"]["arc_easy"]["acc_norm,none"] == direct.metrics["acc_norm"]
 
 
-def test_cli_errors_are_one_line(capsys, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa,nope", "--data-dir", str(data_root))
-    assert code == 2 and err.startswith("error: unknown zero-shot task 'nope'") and err.count("\n") == 1
-    monkeypatch.delenv("MQTOOL_DATA", raising=False)
-    code, _, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa")
-    assert code == 2 and "--data-dir or MQTOOL_DATA" in err and err.count("\n") == 1
-    # without lm-eval, the lm-eval backend says how to get it
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
-    monkeypatch.delitem(sys.modules, "mqtool.evaluate.lm_eval_adapter", raising=False)
-    code, _, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa", "--limit", "1", "--device", "cpu",
-                           "--data-dir", str(data_root), "--backend", "lm-eval")
-    assert code == 2 and "pip install mqtool[eval]" in err and err.count("\n") == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# lm-eval: the adapter, and lm-eval's own task definitions against ours
-
-
-@pytest.fixture
-def lm_eval_mod():
-    return pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install mqtool[eval])")
-
-
-@pytest.mark.parametrize("name", list(EXPECTED))
-def test_lm_eval_builds_the_same_requests(lm_eval_mod, data_root: Path, name: str) -> None:
-    from mqtool.evaluate.lm_eval_adapter import lm_eval_task
-
-    task = lm_eval_task(name, zs.load_docs(name, data_root))
-    task.build_all_requests(limit=None, rank=0, world_size=1)
-    theirs: dict[int, list] = {}
-    for inst in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
-        theirs.setdefault(inst.doc_id, []).append(tuple(inst.arguments))
-    ours = [list(ex.requests) for ex in zs.load_task(name, data_root).examples]
-    assert [theirs[i] for i in sorted(theirs)] == ours
-
-
-def test_adapter_matches_the_scorer(lm_eval_mod, config_factory, model_factory) -> None:
+def test_adapter_matches_the_scorer_batched_or_not(lm_eval_mod, config_factory, model_factory) -> None:
+    """lm-eval's encoding of each request (trailing spaces to the continuation, an empty context as
+    the end-of-text token) scored by loglikelihood_tokens; batch size 1 and 3 agree."""
     from lm_eval.api.instance import Instance
 
     from mqtool.evaluate.lm_eval_adapter import MqtoolLM
 
     tok = load_tokenizer(DEMO)
     model = model_factory(config_factory("mamba2", vocab_size=tok.vocab_size, d_model=32))
-    lm = MqtoolLM(model, tok, batch_size=3)
     reqs = [("Question: What is a pipe?\nAnswer:", " a file"), ("The kernel ", "module"), ("", " hello world"),
             ("A long context about memory pages and the scheduler.", " It")]
-    got = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)])
-    want = zs.loglikelihood_tokens(model, [zs.encode_pair(tok, c, x) for c, x in reqs])
+    insts = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
+    got = MqtoolLM(model, tok, batch_size=3).loglikelihood(insts)
+    one = MqtoolLM(model, tok, batch_size=1).loglikelihood(insts)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in one], abs=1e-5)
+    pairs = [(tok.encode("Question: What is a pipe?\nAnswer:"), tok.encode(" a file")),
+             (tok.encode("The kernel"), tok.encode("The kernel module")[len(tok.encode("The kernel")):]),
+             ([tok.eos_id], tok.encode(" hello world")),
+             (tok.encode(reqs[3][0]), tok.encode(reqs[3][0] + " It")[len(tok.encode(reqs[3][0])):])]
+    want = loglikelihood_tokens(model, pairs)
     assert [g for _, g in got] == [g for _, g in want]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-6)
     # rolling: the whole string after the end-of-text token, in one window or in several
     text = "The scheduler picks the next runnable task from its queue."
     ids = tok.encode(text)
+    lm = MqtoolLM(model, tok)
     rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
-    assert rolling == pytest.approx(hand_loglikelihood(model, [tok.eos_id], ids)[0], abs=1e-4)
-    short = MqtoolLM(model, tok, max_length=4).loglikelihood_rolling([Instance("loglikelihood_rolling", {},
-                                                                               (text,), 0)])[0]
+    assert rolling == pytest.approx(loglikelihood_tokens(model, [([tok.eos_id], ids)])[0][0], abs=1e-4)
+    short = MqtoolLM(model, tok, max_length=4).loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
     assert math.isfinite(short) and short != pytest.approx(rolling, abs=1e-3)
 
 
@@ -380,15 +351,17 @@ def test_adapter_generates_greedily(lm_eval_mod, config_factory, model_factory) 
 
 
 @needs_zeroshot
-def test_cli_lm_eval_backend_equals_builtin(lm_eval_mod, capsys, tmp_path: Path) -> None:
-    metrics = {}
-    for backend in ("builtin", "lm-eval"):
-        path = tmp_path / f"{backend}.json"
-        code, _, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "winogrande,lambada_openai", "--limit", "3",
-                               "--device", "cpu", "--data-dir", str(shared_data()), "--backend", backend,
-                               "--json", str(path))
-        assert code == 0, err
-        metrics[backend] = {k: r["metrics"] for k, r in json.loads(path.read_text())["results"].items()}
-    assert metrics["lm-eval"].keys() == metrics["builtin"].keys()
-    for task, m in metrics["builtin"].items():
-        assert metrics["lm-eval"][task] == pytest.approx(m, rel=1e-9)
+def test_cli_demo_two_tasks(lm_eval_mod, capsys, tmp_path: Path) -> None:
+    out_json = tmp_path / "zs.json"
+    code, out, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa,arc_easy", "--limit", "3", "--device",
+                             "cpu", "--data-dir", str(shared_data()), "--json", str(out_json))
+    assert code == 0, err
+    assert "piqa" in out and "arc_easy" in out and "acc_norm" in out and "lm-eval" in out
+    doc = json.loads(out_json.read_text())
+    assert doc["model"] == "demo" and doc["limit"] == 3
+    for name in ("piqa", "arc_easy"):
+        r = doc["results"][name]
+        assert r["n"] == 3 and r["source"].endswith(zs.TASKS[name].file)
+        for m in ("acc", "acc_norm"):
+            assert r[m] in (0.0, 1 / 3, 2 / 3, 1.0)
+            assert r[f"{m}_stderr"] is not None

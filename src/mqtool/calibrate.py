@@ -14,8 +14,6 @@ the linear's online `input_transform`, i.e. what its quantizer sees) and
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mqtool.atomic import write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaLMHeadModel
 from mqtool.models.layers import Linear
@@ -76,6 +75,13 @@ def _attachment_points(model: MambaLMHeadModel) -> dict[str, tuple[nn.Module, bo
     return points
 
 
+def _check_finite(stats: dict[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """Refuses NaN/Inf statistics (naming the first): every scale and Hessian made from one would be too."""
+    for name, t in stats.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MqtoolError(f"{what} {name} is not finite (NaN or Inf){hint}")
+
+
 @dataclass
 class Calibration:
     stats: dict[str, torch.Tensor]
@@ -102,18 +108,9 @@ class Calibration:
         (out / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
 
     def save_atomic(self, out: Path) -> None:
-        """Write to a temporary sibling, then rename into place (replacing an existing `out`)."""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            self.save(tmp)
-            tmp.chmod(0o755)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write to a temporary sibling, then move it into place (replacing an existing `out`)
+        so that a kill at any instant leaves either the complete new one or the previous one."""
+        write_dir_atomic(out, self.save, replace=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -126,6 +123,7 @@ class Calibration:
             meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         except Exception as e:
             raise MqtoolError(f"{path}: cannot read calibration ({type(e).__name__}: {e})") from None
+        _check_finite(stats, f"{path}: calibration statistic")
         return cls(stats, meta)
 
 
@@ -179,6 +177,8 @@ def calibrate(model: MambaLMHeadModel, windows: torch.Tensor, meta: dict, batch_
               state_samples: int = 8, on_batch=None) -> Calibration:
     start = time.perf_counter()
     stats = collect(model, windows, batch_size, state_samples, on_batch)
+    _check_finite(stats, "calibration statistic", " (the activations overflow in this dtype, or the weights are "
+                  "damaged; try --dtype float32)")
     meta = {**meta, "samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
             "state_samples": int(min(state_samples, windows.shape[0])),
             "seconds": round(time.perf_counter() - start, 2)}

@@ -3,8 +3,8 @@
 A checkpoint is a directory with `config.json` (mamba-ssm MambaConfig), `model.safetensors` (or
 shards with `model.safetensors.index.json`; `pytorch_model.bin` is read too), `mqtool.json` (the
 manifest: where it came from, every stage applied, quantization spec, online transforms) and an
-optional `tokenizer.json`. Writes are atomic (temporary directory, then rename); a stage never
-modifies its input.
+optional `tokenizer.json`. Writes are atomic (mqtool.atomic: a temporary directory, then a rename or
+a swap); a stage never modifies its input.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mqtool import __version__
+from mqtool import __version__, hf_layout
+from mqtool.atomic import interrupted_copy, leftover_of, sweep, write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel
 
@@ -35,13 +35,21 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+# A tensor in the weights of a checkpoint with online transforms (their names, as JSON bytes): the
+# tensors alone are then a different model, and must not load as a plain one when mqtool.json is lost.
+TRANSFORMED = "mqtool.online_transforms"
+# What a manifest's history may hold: the stages (pipeline.STAGES), export, and the demo model's training
+KNOWN_STAGES = ("train", "rotate", "smooth", "quantize", "quantize-states", "reconstruct", "export")
+_KIND_NAMES = {str: "a string", list: "a list", dict: "a mapping", bool: "true or false"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class Manifest:
     """What `mqtool.json` holds. `stages` is the history; `quant` maps tensor or module names to
-    their quantization spec; `online` lists what inference must apply at run time."""
+    their quantization spec; `online` lists what inference must apply at run time. `layout` is the
+    on-disk layout the checkpoint came in and goes out in ("state-spaces" or "hf", with the HF
+    config.json it came with in `hf_config`; see hf_layout)."""
 
     source: str = ""
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -49,22 +57,46 @@ class Manifest:
     online: dict[str, Any] = field(default_factory=dict)
     exported: bool = False
     format_version: int = FORMAT_VERSION
+    layout: str = hf_layout.STATE_SPACES
+    hf_config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "mqtool", "format_version": self.format_version, "mqtool_version": __version__,
                 "source": self.source, "exported": self.exported, "stages": self.stages,
-                "quant": self.quant, "online": self.online}
+                "quant": self.quant, "online": self.online, "layout": self.layout,
+                **({"hf_config": self.hf_config} if self.hf_config else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        if d.get("format") != "mqtool":
+        """Checks every field (a malformed manifest is one line, not a traceback later)."""
+        if not isinstance(d, dict) or d.get("format") != "mqtool":
             raise MqtoolError("mqtool.json is not an mqtool manifest")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise MqtoolError(f"mqtool.json has format version {d['format_version']}; this mqtool reads "
+        version = d.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise MqtoolError(f"mqtool.json: format_version must be an integer from 1, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise MqtoolError(f"mqtool.json has format version {version}; this mqtool reads "
                               f"up to {FORMAT_VERSION}: upgrade mqtool")
-        return cls(source=d.get("source", ""), stages=list(d.get("stages", [])), quant=dict(d.get("quant", {})),
-                   online=dict(d.get("online", {})), exported=bool(d.get("exported", False)),
-                   format_version=d.get("format_version", FORMAT_VERSION))
+        for key, kind in (("source", str), ("stages", list), ("quant", dict), ("online", dict), ("exported", bool)):
+            if key in d and not isinstance(d[key], kind):
+                raise MqtoolError(f"mqtool.json: {key!r} must be {_KIND_NAMES[kind]}, got {type(d[key]).__name__}")
+        stages = list(d.get("stages", []))
+        for i, entry in enumerate(stages):
+            name = entry.get("stage") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                raise MqtoolError(f"mqtool.json: stage entry {i + 1} has no 'stage' name")
+            if name not in KNOWN_STAGES:
+                raise MqtoolError(f"mqtool.json: stage entry {i + 1} is {name!r}, unknown to this mqtool "
+                                  f"(known: {', '.join(KNOWN_STAGES)}): made by a newer mqtool?")
+            if not isinstance(entry.get("params", {}), dict):
+                raise MqtoolError(f"mqtool.json: stage entry {i + 1} ({name}): 'params' must be a mapping")
+        online = dict(d.get("online", {}))
+        for key, spec in online.items():
+            if not isinstance(spec, dict):
+                raise MqtoolError(f"mqtool.json: online transform {key!r} must be a mapping, got {type(spec).__name__}")
+        return cls(source=d.get("source", ""), stages=stages, quant=dict(d.get("quant", {})),
+                   online=online, exported=d.get("exported", False), format_version=version,
+                   layout=d.get("layout", hf_layout.STATE_SPACES), hf_config=dict(d.get("hf_config", {})))
 
     def stage_names(self) -> list[str]:
         return [s["stage"] for s in self.stages]
@@ -89,9 +121,17 @@ def resolve(spec: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise MqtoolError(f"{path} is a file; expected a checkpoint directory")
+        owner = leftover_of(path)
+        if owner is not None:  # possibly half written: an interrupted run leaves nothing a stage accepts
+            raise MqtoolError(f"{path} is what an interrupted write of {path.parent / owner} left behind, not a "
+                              f"checkpoint (the next write of {owner} sweeps or restores it)")
         return path
     s = str(spec)
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
+        hidden = interrupted_copy(path)
+        if hidden is not None:
+            raise MqtoolError(f"{spec}: no such directory; a killed --force replace left the previous copy "
+                              f"at {hidden} (the next write to {path} restores it, or rename it back)")
         raise MqtoolError(f"{spec}: no such directory")
     try:
         from huggingface_hub import snapshot_download
@@ -122,8 +162,12 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             return state
         if (path / TORCH_WEIGHTS).exists():
             return torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError,
-            pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:  # torch's message is a page of advice to unpickle it unsafely
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise MqtoolError(f"{path}: {TORCH_WEIGHTS} holds more than tensors"
+                          + (f" ({found.group(1)})" if found else "")
+                          + "; mqtool loads it only as plain tensors (weights_only): save it as safetensors") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, EOFError, json.JSONDecodeError) as e:
         raise MqtoolError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
                           "the file may be truncated or corrupt") from None
     raise MqtoolError(f"{path}: no weights ({WEIGHTS}, {WEIGHTS_INDEX} or {TORCH_WEIGHTS})")
@@ -132,15 +176,79 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(spec: str | Path) -> Checkpoint:
     """Reads config, manifest and raw tensors (no model is built)."""
     path = resolve(spec)
-    config = MambaConfig.load(path / "config.json")
+    config, hf_config = hf_layout.load_config(path / "config.json")
     manifest = Manifest(source=str(spec))
     if (path / MANIFEST).exists():
         try:
             manifest = Manifest.from_dict(json.loads((path / MANIFEST).read_text()))
         except json.JSONDecodeError as e:
             raise MqtoolError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    state = _load_weights(path)
+    if hf_config is not None:  # the directory's config.json says the layout, whatever the manifest says
+        manifest.layout, manifest.hf_config, state = hf_layout.HF, hf_config, hf_layout.state_from_hf(state)
     tok = path / "tokenizer.json"
-    return Checkpoint(path, config, manifest, _load_weights(path), tok if tok.exists() else None)
+    check_finite(state, f"{path}: weight")
+    _check_layer_count(path, config, state)
+    _check_transforms(path, config, state, manifest if (path / MANIFEST).exists() else None)
+    return Checkpoint(path, config, manifest, state, tok if tok.exists() else None)
+
+
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
+
+
+def _check_layer_count(path: Path, config: MambaConfig, state: dict[str, torch.Tensor]) -> None:
+    """config.json's n_layer against the layers the weights hold, before any model is built (an
+    absurd n_layer would otherwise spend minutes building layers only to fail the shape check)."""
+    layers = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
+    held = len({i for i in layers if i < config.n_layer})
+    if held < config.n_layer:  # (layers beyond n_layer are build_model's "unexpected tensors")
+        raise MqtoolError(f"weights do not match config.json: it says n_layer={config.n_layer}, "
+                          f"the weights hold {held} of those layers")
+
+
+def mark_transformed(state: dict[str, torch.Tensor], online: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`state` plus the TRANSFORMED tensor when `online` names any transform."""
+    if not online:
+        return state
+    return {**state, TRANSFORMED: torch.tensor(list(json.dumps(sorted(online)).encode()), dtype=torch.uint8)}
+
+
+def _check_transforms(path: Path, config: MambaConfig, state: dict[str, torch.Tensor],
+                      manifest: Manifest | None) -> None:
+    """Tensors that say the checkpoint was transformed must come with the manifest that says how
+    (pops the TRANSFORMED tensor: nothing after loading sees it)."""
+    marker = state.pop(TRANSFORMED, None)
+    said: list[str] = []
+    if marker is not None:
+        try:
+            said = json.loads(bytes(marker.to(torch.uint8).tolist()).decode())
+        except (ValueError, TypeError):
+            said = ["?"]
+    if manifest is None:
+        if said:
+            raise MqtoolError(f"{path}: tensor {TRANSFORMED} says the model was transformed "
+                              f"({', '.join(map(str, said))}) but there is no {MANIFEST}: restore it "
+                              "(without it this is a different model)")
+        with torch.device("meta"):
+            plain = set(MambaLMHeadModel(config).state_dict())
+        extra = sorted(set(state) - plain)
+        if extra:
+            raise MqtoolError(f"{path}: tensor {extra[0]} is not part of a plain model (written by an mqtool stage?) "
+                              f"and there is no {MANIFEST} to say what it is")
+    elif marker is not None and sorted(said) != sorted(manifest.online):
+        raise MqtoolError(f"{path}: tensor {TRANSFORMED} says the model was transformed ({', '.join(map(str, said))}), "
+                          f"but {MANIFEST} records {', '.join(sorted(manifest.online)) or 'no online transforms'}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuses NaN or Inf in any float tensor, naming the first one: a NaN weight would otherwise
+    give a `nan` perplexity with exit 0, and RTN would spread it over its row (one scale)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            kinds = " and ".join(k for k, m in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))) if bool(m.any()))
+            raise MqtoolError(f"{what} {name} holds {int(bad.sum())} {kinds} value(s) (first at index "
+                              f"{tuple(int(i) for i in bad.nonzero()[0])}); it cannot be used")
 
 
 def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None = None,
@@ -149,11 +257,9 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
     """A model from a config, with weights when given (built on the meta device, so a large model
     is not initialised only to be overwritten), and the manifest's online transforms attached
     (their scales are read from the same state dict). Without weights: random init."""
-    from mqtool.quant.attach import apply_online
-
     if state_dict is None:
         model = MambaLMHeadModel(config).to(device=device, dtype=dtype)
-        return apply_online(model, online or {})
+        return _attach(model, online or {})
     with torch.device("meta"):
         model = MambaLMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -173,7 +279,7 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
     model.load_state_dict(base, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
-    apply_online(model, online or {})
+    _attach(model, online or {})
     # what is left are the attached modules' buffers (scales): exactly those, no more, no less
     attached = set(model.state_dict()) - set(expected) - {"lm_head.weight"}
     if set(state) != attached:
@@ -188,6 +294,18 @@ def build_model(config: MambaConfig, state_dict: dict[str, torch.Tensor] | None 
     return model.eval()
 
 
+def _attach(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHeadModel:
+    """apply_online, with a malformed entry (a missing key, a wrong type) as one line."""
+    from mqtool.quant.attach import apply_online
+
+    try:
+        return apply_online(model, online)
+    except MqtoolError as e:
+        raise MqtoolError(f"mqtool.json: online transforms: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MqtoolError(f"mqtool.json: malformed online transforms ({type(e).__name__}: {e})") from None
+
+
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[MambaLMHeadModel, Checkpoint]:
     ckpt = load_checkpoint(spec)
@@ -196,15 +314,42 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
         from mqtool.quant.export import import_state_dict
 
         state = import_state_dict(state, ckpt.manifest.quant.get("weights", {}))
-    return build_model(ckpt.config, state, dtype, device, ckpt.manifest.online), ckpt
+    model = build_model(ckpt.config, state, dtype, device, ckpt.manifest.online)
+    if dtype != torch.float32 and not ckpt.manifest.exported:
+        _keep_quantized(model, state, ckpt.manifest)
+    return model, ckpt
 
 
-def model_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
-    """What goes into model.safetensors: the tied lm_head is not stored (as state-spaces does)."""
+def _keep_quantized(model: MambaLMHeadModel, state: dict[str, torch.Tensor], manifest: Manifest) -> None:
+    """In bf16/fp16 the quantized weights keep their codes, so that a later stage saves them exactly."""
+    if "quantize" not in manifest.stage_names():
+        return
+    from mqtool.pipeline import weight_specs
+    from mqtool.quant.weights import keep_codes
+
+    for name, spec in weight_specs(manifest.stages).items():
+        w = state.get(name)
+        if w is not None and w.dtype == torch.float32 and name.endswith(".weight"):
+            lin = model.get_submodule(name[: -len(".weight")])
+            # on the model's device: a GPU finds the codes of a large model in moments
+            keep_codes(lin, w.to(lin.weight.device), spec["bits"], spec.get("group_size"))
+
+
+def model_state_dict(model: MambaLMHeadModel, online: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """What goes into model.safetensors: the tied lm_head is not stored (as state-spaces does); a
+    quantized weight of a bf16/fp16 model is stored as its exact float32 value (``q * scale``, which
+    the compute dtype rounds), so that export recovers its codes; with `online` transforms (the
+    manifest's), the TRANSFORMED tensor that names them."""
+    from mqtool.quant.weights import exact_weight
+
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        w = exact_weight(module)
+        if w is not None:
+            state[f"{name}.weight"] = w.contiguous()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    return state
+    return mark_transformed(state, online or {})
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -238,12 +383,20 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
     for i in inputs:
         if i is not None and Path(i).exists() and paths_overlap(out, Path(i)):
             raise MqtoolError(f"{out} overlaps this stage's input {i}; a stage never modifies its input")
+    restored = sweep(out)  # what a killed earlier write to `out` left beside it
     if out.exists() and not out.is_dir():
         raise MqtoolError(f"{out} exists and is not a directory")
     if out.exists() and not force:
-        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
+        note = f" (restored from {restored.name}, left by a killed --force replace)" if restored else ""
+        raise MqtoolError(f"{out} exists{note}; pass --force to overwrite it")
     if out.exists() and any(out.iterdir()) and not is_mqtool_output(out):  # an empty one loses nothing
         raise MqtoolError(f"{out} is not an mqtool checkpoint; --force replaces only a directory mqtool wrote")
+    _check_creatable(out)
+    return out
+
+
+def _check_creatable(out: Path) -> None:
+    """`out` can be made (with its missing parents): its nearest existing ancestor is a writable directory."""
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -251,7 +404,33 @@ def check_output_dir(out: str | Path, force: bool, inputs: tuple[str | Path | No
         raise MqtoolError(f"cannot create {out}: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MqtoolError(f"cannot create {out}: {parent} is not writable")
+
+
+def check_output_file(out: str | Path, what: str) -> Path:
+    """Fails early (before any work) when a report file (`what`: the option) cannot be written at
+    `out`; the caller creates missing parents when it writes (:func:`prepare_output_file`)."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise MqtoolError(f"{what} {out} is a directory; give a file name")
+    if not out.exists():
+        _check_creatable(out)
+    elif not os.access(out, os.W_OK):
+        raise MqtoolError(f"{what} {out} is not writable")
     return out
+
+
+def prepare_output_file(out: Path) -> Path:
+    """`out` with its missing parent directories made."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_state_dir(sdir: Path) -> None:
+    """A directory a stage keeps its progress in: an existing directory, or one that can be made."""
+    if sdir.exists() and not sdir.is_dir():
+        raise MqtoolError(f"--state-dir {sdir} is a file; give a directory")
+    if not sdir.exists():
+        _check_creatable(sdir)
 
 
 def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:
@@ -277,46 +456,25 @@ def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: in
     (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
                     tokenizer_path: Path | None = None, force: bool = False,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Writes a checkpoint directory atomically: everything goes to a temporary sibling, which is
-    renamed into place only when complete; an existing `out` is replaced only with force."""
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MqtoolError(f"{out} exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    old: Path | None = None
-    try:
-        config.save(tmp / "config.json")
-        _save_sharded({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, max_shard_bytes)
+    """Writes a checkpoint directory atomically (see mqtool.atomic): a kill at any instant leaves
+    either the complete new checkpoint or the previous one; an existing `out` is replaced only with force.
+    The config and tensor names are written in the manifest's layout (state-spaces or Hugging Face)."""
+
+    def fill(tmp: Path) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        emb = tensors.get("backbone.embedding.weight")
+        hf_layout.write_config(tmp / "config.json", config, manifest.layout, manifest.hf_config,
+                               None if emb is None else emb.dtype)
+        _save_sharded(hf_layout.state_to_hf(tensors) if manifest.layout == hf_layout.HF else tensors, tmp,
+                      max_shard_bytes)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        mode = 0o666 & ~_umask()
-        for f in tmp.iterdir():  # temp files are private; a checkpoint is ordinary files
-            f.chmod(mode)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            old.rename(out)  # the new one never got into place: put the previous one back
-        raise
-    return out
+
+    return write_dir_atomic(Path(out).expanduser(), fill, replace=force)
 
 
 def record_stage(manifest: Manifest, stage: str, params: dict[str, Any], input_hash: str) -> Manifest:

@@ -116,10 +116,23 @@ def parse_recipe(d: Any, name: str = "") -> Recipe:
         (stage, params), = entry.items()
         stages.append((stage, validate_stage(stage, params)))
     calib = d.get("calibration") or {}
+    if not isinstance(calib, dict):
+        raise MqtoolError(f"recipe {name}: 'calibration' must be a mapping, got {calib!r}")
     unknown = sorted(set(calib) - set(CALIB_KEYS))
     if unknown:
         raise MqtoolError(f"recipe {name}: unknown calibration keys {unknown}; known: {', '.join(CALIB_KEYS)}")
-    return Recipe(d.get("name", name), stages, {**CALIB_DEFAULTS, **calib}, d.get("description", ""))
+    calib = {**CALIB_DEFAULTS, **calib}
+    for key, least in (("samples", 1), ("seqlen", 2), ("max_chars", 1)):
+        if isinstance(calib[key], bool) or not isinstance(calib[key], int) or calib[key] < least:
+            raise MqtoolError(f"recipe {name}: calibration {key} must be an integer from {least}, got {calib[key]!r}")
+    if isinstance(calib["seed"], bool) or not isinstance(calib["seed"], int) or calib["seed"] < 0:
+        raise MqtoolError(f"recipe {name}: calibration seed must be a non-negative integer, got {calib['seed']!r}")
+    if not isinstance(calib["data"], str) or not (calib["split"] is None or isinstance(calib["split"], str)):
+        raise MqtoolError(f"recipe {name}: calibration data and split must be strings")
+    for key in ("name", "description"):
+        if key in d and not isinstance(d[key], str):
+            raise MqtoolError(f"recipe {name}: {key} must be a string, got {d[key]!r}")
+    return Recipe(d.get("name", name), stages, calib, d.get("description", ""))
 
 
 def available_recipes() -> list[str]:
@@ -145,7 +158,7 @@ def load_recipe(spec: str | Path) -> Recipe:
         text = path.read_text()
         d = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_RecipeLoader)
     except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MqtoolError(f"{path}: cannot parse recipe ({e})") from None
+        raise MqtoolError(f"{path}: cannot parse recipe ({' '.join(str(e).split())})") from None
     return parse_recipe(d, path.stem)
 
 

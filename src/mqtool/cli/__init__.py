@@ -5,6 +5,7 @@ order `mqtool --help` lists them."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -55,12 +56,34 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     pass
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `except BaseException` cleanup (a half-written
+    output's temporary directory) runs, as for Ctrl-C; not a KeyboardInterrupt, which typer swallows."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main() -> None:
-    """Console entry point: user errors print one line and exit 2, never a traceback."""
+    """Console entry point: user errors print one line and exit 2, never a traceback; Ctrl-C exits
+    130 and SIGTERM 143, both after removing what was half written."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # in-process callers (the tests) get theirs back
+
+
+def _main() -> None:
     try:
         rc = app(standalone_mode=False)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except MqtoolError as e:
-        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped: scripts grep it
+        # one line, never wrapped: scripts grep it (a parser's message may span several: joined)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

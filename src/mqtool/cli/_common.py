@@ -3,6 +3,8 @@ are resolved and a checkpoint loaded."""
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -55,8 +57,16 @@ def _device(device: str):
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MqtoolError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MqtoolError(f"--device {device!r}: mqtool runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise MqtoolError("--device cuda asked for, but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MqtoolError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -98,6 +108,48 @@ def _load_integer(spec: str, dtype: DType, device: str):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+
+
+def _run_mode(mode: str, online: dict, recurrent: bool = False) -> str:
+    """The evaluation mode: `auto` is recurrent when the states are quantized (or `recurrent` asks
+    for it); parallel on a state-quantized model is refused, as the parallel scan has no state to quantize."""
+    if mode == "auto":
+        return "recurrent" if online.get("state_quantizer") or recurrent else "parallel"
+    if mode == "parallel" and online.get("state_quantizer"):
+        raise MqtoolError("this checkpoint quantizes the recurrent state, which the parallel scan would ignore: "
+                          "use --mode recurrent (or auto), or evaluate the checkpoint before quantize-states")
+    return mode
+
+
+def _finite(obj):
+    """`obj` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json(obj, indent: int | None = 2) -> str:
+    """Strict JSON (a non-finite number becomes null, which every JSON reader takes)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _tokenizer(ckpt, data_dir: Path | None):
+    """The checkpoint's tokenizer (or the GPT-NeoX fallback), refused when it has more tokens than
+    the model has embeddings (every id past them would fail deep in the embedding)."""
+    from mqtool.data import load_tokenizer
+
+    tok = load_tokenizer(ckpt.path, data_dir)
+    n, vocab = tok.vocab_size, ckpt.config.padded_vocab_size
+    if n > vocab:
+        if ckpt.tokenizer_path is None:
+            raise MqtoolError(f"{ckpt.path} has no tokenizer.json, and the fallback GPT-NeoX tokenizer has {n} tokens, "
+                              f"more than the model's vocabulary of {vocab}: put the model's tokenizer.json beside it")
+        raise MqtoolError(f"{ckpt.tokenizer_path} has {n} tokens, more than the model's vocabulary of {vocab}")
+    return tok
 
 
 def _split(value: str | None) -> list[str] | None:

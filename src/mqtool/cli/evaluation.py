@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -17,11 +17,14 @@ from mqtool.cli._common import (
     DType,
     DTypeOpt,
     _dtype,
+    _json,
     _load,
     _load_integer,
     _progress,
+    _run_mode,
     _split,
     _task_spec,
+    _tokenizer,
     err,
     out,
 )
@@ -58,17 +61,15 @@ def eval_cmd(
                                                           "state cache (default: the model's dtype).")] = None,
 ) -> None:
     """Perplexity, GPTQ-style: non-overlapping windows, mean NLL over every predicted token."""
-    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.data import eval_tokens, eval_windows
     from mqtool.evaluate.perplexity import perplexity
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
         raise MqtoolError("--tasks is empty")
     net, ckpt = (_load_integer if kernels else _load)(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
-    run_mode = mode.value
-    if run_mode == "auto":
-        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") or runtime else "parallel"
+    tok = _tokenizer(ckpt, data_dir)
+    run_mode = _run_mode(mode.value, ckpt.manifest.online, recurrent=runtime)
     if runtime:
         from mqtool.runtime import Runtime
 
@@ -86,8 +87,10 @@ def eval_cmd(
             res = perplexity(net, windows, mode=run_mode, batch_size=batch_size,
                              on_batch=lambda k, bar=bar: p.advance(bar, k))
         results[task] = res.to_dict()
+        if not math.isfinite(res.ppl):  # finite weights (checked on load) that overflow in this dtype
+            err.print(f"warning: {task}: perplexity is {res.ppl} (the activations overflow in {dtype.value}?)")
     if json_out:
-        print(json.dumps({"model": model, "results": results}, indent=2))
+        print(_json({"model": model, "results": results}))
         return
     table = Table(title=f"{model}  (seqlen {seqlen}, {dtype.value})")
     for col in ("task", "ppl", "windows", "tokens", "mode", "seconds"):
@@ -98,8 +101,7 @@ def eval_cmd(
 
 
 class Backend(str, Enum):
-    builtin = "builtin"
-    lm_eval = "lm-eval"
+    lm_eval = "lm-eval"  # the only scorer: lm-eval's tasks and metrics
 
 
 def zeroshot(
@@ -111,51 +113,44 @@ def zeroshot(
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 16,
     mode: Annotated[Mode, typer.Option(help="parallel, recurrent, or auto: recurrent when states are quantized.")]
     = Mode.auto,
-    backend: Annotated[Backend, typer.Option(help="builtin (mqtool's scorer) or lm-eval (lm-eval's task definitions "
-                                             "through the adapter; pip install mqtool[eval]).")] = Backend.builtin,
+    backend: Annotated[Backend, typer.Option(help="lm-eval (its task definitions and metrics; "
+                                             "pip install mqtool[eval]).")] = Backend.lm_eval,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
-    """Zero-shot accuracy as lm-eval scores it (acc, acc_norm; LAMBADA acc and perplexity), from the
-    task files in <data root>/zeroshot."""
-    from mqtool.data import load_tokenizer
+    """Zero-shot accuracy scored by lm-eval (lm_eval.simple_evaluate; acc, acc_norm; LAMBADA acc and
+    perplexity), from the task files in <data root>/zeroshot where they are, else from the hub."""
+    from mqtool.checkpoint import check_output_file, prepare_output_file
     from mqtool.evaluate import zeroshot as zs
 
     names = zs.parse_tasks(tasks)
-    zs.zeroshot_dir(data_dir)  # fail before loading the model
-    net, ckpt = _load(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
-    run_mode = mode.value
-    if run_mode == "auto":
-        run_mode = "recurrent" if ckpt.manifest.online.get("state_quantizer") else "parallel"
-    if backend == Backend.lm_eval:
-        from mqtool.evaluate.lm_eval_adapter import evaluate_tasks
+    from mqtool.evaluate.lm_eval_adapter import MqtoolLM  # fails in one line without lm-eval
 
-        results = evaluate_tasks(net, tok, names, data_dir, limit, batch_size, run_mode)
-    else:
-        results = {}
-        for name in names:
-            task = zs.load_task(name, data_dir, limit)
-            with _progress() as p:
-                bar = p.add_task(f"{name} ({run_mode})", total=task.n_requests)
-                results[name] = zs.evaluate(net, tok, task, batch_size, run_mode,
-                                            on_batch=lambda k, bar=bar: p.advance(bar, k))
+    if json_path is not None:
+        json_path = check_output_file(json_path, "--json")
+    net, ckpt = _load(model, dtype, device)
+    tok = _tokenizer(ckpt, data_dir)
+    run_mode = _run_mode(mode.value, ckpt.manifest.online)
+    lm = MqtoolLM(net, tok, batch_size=batch_size, mode=run_mode)
+    results = zs.evaluate_tasks(lm, names, data_dir, limit)
+    import lm_eval
+
     first = f", first {limit} examples" if limit else ""
-    table = Table(title=f"{model}: zero-shot ({dtype.value}, {run_mode}, {backend.value}{first})")
-    for col in ("task", "metric", "value", "±", "n"):
+    table = Table(title=f"{model}: zero-shot ({dtype.value}, {run_mode}, lm-eval {lm_eval.__version__}{first})")
+    for col in ("task", "metric", "value", "±", "n", "seconds"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, r in results.items():
         for metric, value in r.metrics.items():
             se = r.stderr.get(metric)
             shown = f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
-            table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n))
+            table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n), f"{r.seconds:.1f}")
     out.print(table)
     if json_path:
-        json_path.write_text(json.dumps({"model": model, "backend": backend.value, "mode": run_mode,
-                                         "dtype": dtype.value, "limit": limit,
-                                         "results": {k: r.to_dict() for k, r in results.items()}}, indent=2) + "\n")
+        report = {"model": model, "lm_eval": lm_eval.__version__, "mode": run_mode, "dtype": dtype.value,
+                  "limit": limit, "results": {k: r.to_dict() for k, r in results.items()}}
+        prepare_output_file(json_path).write_text(_json(report) + "\n")
 
 
 class StateDType(str, Enum):
@@ -247,7 +242,7 @@ def bench(
     if plot is not None:
         plot_sweep(all_rows, str(plot))
     if json_out:
-        print(json.dumps({"rows": all_rows}, indent=2))
+        print(_json({"rows": all_rows}))
         return
     gib = 2**30
     table = Table(title=f"bench ({dtype.value}, {all_rows[0]['device']}, {gen_len} decode steps)")
@@ -273,8 +268,9 @@ def compare(
     seqlen: Annotated[int, typer.Option(min=2, help="Evaluation window.")] = 2048,
     max_windows: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    samples: Annotated[int | None, typer.Option(help="Override every recipe's calibration samples.")] = None,
-    calib_seqlen: Annotated[int | None, typer.Option(help="Override every recipe's calibration seqlen.")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override every recipe's calibration samples.")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(min=2, help="Override every recipe's calibration seqlen.")]
+    = None,
     calib_data: Annotated[str | None, typer.Option(help="Override every recipe's calibration data.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as markdown here.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
@@ -284,15 +280,18 @@ def compare(
 ) -> None:
     """Run each recipe on MODEL and tabulate perplexity, full precision first (the papers' Table 1 shape).
     Recipes with a state quantizer are evaluated in recurrent mode, the rest in parallel mode."""
-    from mqtool.data import eval_tokens, eval_windows, load_tokenizer
+    from mqtool.checkpoint import check_output_file
+    from mqtool.data import eval_tokens, eval_windows
     from mqtool.evaluate.perplexity import perplexity
     from mqtool.pipeline import load_recipe
 
     names = _split(recipes_) or []
     recs = [load_recipe(n) for n in names]  # fail on a bad name before any work
+    markdown = None if markdown is None else check_output_file(markdown, "--markdown")
+    json_path = None if json_path is None else check_output_file(json_path, "--json")
     task_list = _split(tasks) or []
     net, ckpt = _load(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     windows = {t: eval_windows(eval_tokens(_task_spec(t), tok, seqlen, data_dir), seqlen, max_windows=max_windows)
                for t in task_list}
     rows = []
@@ -333,6 +332,8 @@ def _esr_summary(records: list[dict]) -> dict:
 
 
 def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path) -> None:
+    from mqtool.checkpoint import prepare_output_file
+
     fp = rows[0]
     limit = f", first {max_windows} windows" if max_windows else ""
     table = Table(title=f"{model}: perplexity (seqlen {seqlen}{limit})")
@@ -352,10 +353,10 @@ def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_p
         md.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {r['mode']} | {r['seconds']:.1f} |")
     out.print(table)
     if markdown:
-        markdown.write_text("\n".join(md) + "\n")
+        prepare_output_file(markdown).write_text("\n".join(md) + "\n")
     if json_path:
-        json_path.write_text(json.dumps({"model": model, "seqlen": seqlen, "max_windows": max_windows,
-                                         "rows": rows}, indent=2) + "\n")
+        report = {"model": model, "seqlen": seqlen, "max_windows": max_windows, "rows": rows}
+        prepare_output_file(json_path).write_text(_json(report) + "\n")
 
 
 def demo(

@@ -11,7 +11,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mqtool.cli._common import DataDirOpt, DeviceOpt, DType, DTypeOpt, _device, _dtype, _load, _model_spec, err, out
+from mqtool.cli._common import (
+    DataDirOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    _device,
+    _dtype,
+    _load,
+    _model_spec,
+    _tokenizer,
+    err,
+    out,
+)
 from mqtool.errors import MqtoolError
 
 
@@ -51,11 +63,10 @@ def generate(
     """Greedy generation with the recurrent state cache (works on quantized checkpoints)."""
     import torch
 
-    from mqtool.data import load_tokenizer
     from mqtool.models import generate as greedy
 
     net, ckpt = _load(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     ids = torch.tensor([tok.encode(prompt)], device=next(net.parameters()).device)
     if ids.numel() == 0:
         raise MqtoolError("--prompt is empty after tokenization")

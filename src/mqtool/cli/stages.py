@@ -21,6 +21,7 @@ from mqtool.cli._common import (
     _progress,
     _split,
     _task_spec,
+    _tokenizer,
     err,
 )
 from mqtool.errors import MqtoolError
@@ -46,11 +47,11 @@ def calibrate(
     """Activation, covariance and state statistics at every attachment point."""
     from mqtool.calibrate import calibrate as run_calibration
     from mqtool.checkpoint import check_output_dir
-    from mqtool.data import calibration_windows, default_split, load_text, load_tokenizer
+    from mqtool.data import calibration_windows, default_split, load_text
 
     check_output_dir(output, force, (_model_spec(model),))
     net, ckpt = _load(model, dtype, device)
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     source = _task_spec(data)
     if split is None and not Path(source).exists():
         split = default_split(source, "calibration")
@@ -98,7 +99,8 @@ def _stage_command(model: str, output: Path, stage: str, params: dict, calib_dir
     record = run_stage(net, online, stage, params, calib=calib, windows=windows, **(extra or {}))
     manifest = record_stage(ckpt.manifest, stage, {**params, "record": record}, ckpt.input_hash)
     manifest.online = online
-    save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
+    save_checkpoint(output, net.config, model_state_dict(net, manifest.online), manifest, ckpt.tokenizer_path,
+                    force=force)
     err.print(f"{stage}: wrote {output} in {time.perf_counter() - start:.1f}s")
 
 
@@ -161,9 +163,9 @@ def quantize_states(
 
 def _calib_windows(net, ckpt, data: str, split: str | None, samples: int, seqlen: int, seed: int,
                    data_dir: Path | None, max_chars: int = 20_000_000):
-    from mqtool.data import calibration_windows, default_split, load_text, load_tokenizer
+    from mqtool.data import calibration_windows, default_split, load_text
 
-    tok = load_tokenizer(ckpt.path, data_dir)
+    tok = _tokenizer(ckpt, data_dir)
     source = _task_spec(data)
     if split is None and not Path(source).exists():
         split = default_split(source, "calibration")
@@ -199,7 +201,7 @@ def reconstruct(
     force: ForceOpt = False,
 ) -> None:
     """Q-Mamba's ESR: block-wise reconstruction of the Δ, B, C projections against the FP model."""
-    from mqtool.checkpoint import check_output_dir, paths_overlap
+    from mqtool.checkpoint import check_output_dir, check_state_dir, paths_overlap
     from mqtool.pipeline import weight_specs
     from mqtool.quant.reconstruct import clear_state_dir
 
@@ -208,6 +210,7 @@ def reconstruct(
     for other in (_model_spec(model), output):
         if (Path(other).exists() or other == output) and paths_overlap(Path(other), sdir):
             raise MqtoolError(f"--state-dir {sdir} overlaps {other}; give it a directory of its own")
+    check_state_dir(sdir)
     net, ckpt = _load(model, dtype, device)
     windows = _calib_windows(net, ckpt, calib_data, None, samples, seqlen, seed, data_dir)
     del net
@@ -249,8 +252,8 @@ def quantize(
                                                     "ssm_x,ssm_B,ssm_C; adding ssm_dt quantizes the step size Δ, "
                                                     "which usually hurts).")] = None,
     calib: CalibOpt = None,
-    samples: Annotated[int | None, typer.Option(help="Override the recipe's calibration samples.")] = None,
-    seqlen: Annotated[int | None, typer.Option(help="Override the recipe's calibration seqlen.")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Override the recipe's calibration samples.")] = None,
+    seqlen: Annotated[int | None, typer.Option(min=2, help="Override the recipe's calibration seqlen.")] = None,
     calib_data: Annotated[str | None, typer.Option(help="Override the recipe's calibration data.")] = None,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
@@ -286,7 +289,8 @@ def quantize(
                                 ckpt.input_hash)
     if records:
         manifest.online = records[-1]["online"]
-    save_checkpoint(output, net.config, model_state_dict(net), manifest, ckpt.tokenizer_path, force=force)
+    save_checkpoint(output, net.config, model_state_dict(net, manifest.online), manifest, ckpt.tokenizer_path,
+                    force=force)
     err.print(f"recipe {rec.name}: wrote {output} in {seconds:.1f}s ({_stage_times(records)})")
 
 
@@ -343,7 +347,14 @@ def export(
 ) -> None:
     """Pack quantized weights as integer codes + scales (int8; int4 two to a byte), the form the
     integer kernels consume. Loading the export gives exactly the simulated model's weights."""
-    from mqtool.checkpoint import check_output_dir, checkpoint_hash, load_checkpoint, record_stage, save_checkpoint
+    from mqtool.checkpoint import (
+        check_output_dir,
+        checkpoint_hash,
+        load_checkpoint,
+        mark_transformed,
+        record_stage,
+        save_checkpoint,
+    )
     from mqtool.pipeline import weight_specs
     from mqtool.quant.export import export_state_dict
 
@@ -359,7 +370,8 @@ def export(
     manifest = record_stage(ckpt.manifest, "export", {"tensors": len(specs)}, checkpoint_hash(ckpt.path))
     manifest.exported = True
     manifest.quant["weights"] = specs
-    save_checkpoint(output, ckpt.config, state, manifest, ckpt.tokenizer_path, force=force)
+    save_checkpoint(output, ckpt.config, mark_transformed(state, manifest.online), manifest, ckpt.tokenizer_path,
+                    force=force)
     before = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
     after = sum(v.numel() * v.element_size() for v in state.values())
     err.print(f"export: wrote {output} ({len(specs)} quantized tensors; weights {before / 2**20:.1f} MiB -> "

@@ -1,65 +1,100 @@
-"""An lm-eval 0.4 ``LM`` around an mqtool model and tokenizer, and zero-shot evaluation through
-lm-eval's own task definitions on the local task files.
+"""An lm-eval ``LM`` around an mqtool model, registered in lm-eval's model registry as "mqtool".
 
-Import this module only when lm-eval is wanted: it imports lm-eval at once and raises
-``MqtoolError`` (``pip install mqtool[eval]``) where lm-eval is missing or does not import.
+Importing ``mqtool.evaluate`` imports this module where lm-eval is installed, so
+``lm_eval.simple_evaluate(model="mqtool", model_args="pretrained=DIR", tasks=[...])`` works from
+Python; ``mqtool zeroshot`` hands lm-eval an instance around the model it has loaded. Only
+lm-eval's public API is used: ``lm_eval.api.model.TemplateLM`` and
+``lm_eval.api.registry.register_model`` here, ``simple_evaluate`` and ``TaskManager`` in
+``zeroshot``.
 
-``MqtoolLM`` is a ``TemplateLM`` (an ``lm_eval.api.model.LM``): lm-eval encodes the requests
-(``_encode_pair``), mqtool scores the tokens with ``zeroshot.loglikelihood_tokens``, so lm-eval's
-tasks and the built-in scorer share the same arithmetic. ``generate_until`` is greedy decoding
-with the recurrent state cache.
+lm-eval encodes the requests (``TemplateLM._encode_pair``); ``loglikelihood.loglikelihood_tokens``
+scores the tokens, right-padded (never left-padded: padding in front of a Mamba input would flow
+through the recurrent state). ``generate_until`` is greedy decoding with the recurrent state cache.
+
+Importing this module raises ``MqtoolError`` (``pip install mqtool[eval]``) where lm-eval is
+missing or does not import.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from mqtool.errors import MqtoolError
-from mqtool.evaluate.zeroshot import (
-    DEFAULT_BATCH,
-    MAX_LENGTH,
-    TASKS,
-    TaskResult,
-    TextTokenizer,
-    _mean_stderr,
-    load_docs,
-    loglikelihood_tokens,
-    parse_tasks,
-)
+from mqtool.evaluate.loglikelihood import DEFAULT_BATCH, MAX_LENGTH, loglikelihood_tokens
 
-_INSTALL = "pip install mqtool[eval]"
+INSTALL = "pip install mqtool[eval]"
 
 try:
     from lm_eval.api.model import TemplateLM
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.api.registry import register_model
 except ImportError as _err:
-    raise MqtoolError(f"the lm-eval backend needs lm-eval 0.4 ({_err}): {_INSTALL}") from _err
-except Exception as _err:  # e.g. an lm-eval release that breaks with the installed transformers
+    raise MqtoolError(f"zero-shot evaluation runs on lm-eval, which is not installed ({_err}): {INSTALL}") from _err
+except Exception as _err:  # e.g. an lm-eval release that breaks with the installed datasets
     raise MqtoolError(f"lm-eval is installed but does not import ({type(_err).__name__}: {_err}); "
-                      f"{_INSTALL} in a fresh environment, or use the built-in scorer") from _err
+                      f"{INSTALL} in a fresh environment") from _err
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _load(pretrained: str | Path, dtype: str, device: str | None, data_dir: str | None):
+    """(model, tokenizer, checkpoint) of a checkpoint directory, a hub id or ``demo``."""
+    from mqtool.checkpoint import load_model
+    from mqtool.data import load_tokenizer
+
+    if dtype not in _DTYPES:
+        raise MqtoolError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    spec = str(pretrained)
+    if spec == "demo":
+        spec = str(Path(__file__).resolve().parents[1] / "assets" / "demo-mamba2")
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, ckpt = load_model(spec, dtype=_DTYPES[dtype], device=device)
+    return model, load_tokenizer(ckpt.path, data_dir), ckpt
+
+
+@register_model("mqtool")
 class MqtoolLM(TemplateLM):
     """lm-eval's view of an mqtool model: ``loglikelihood`` (from TemplateLM, which encodes each
     pair as lm-eval does), ``loglikelihood_rolling`` and greedy ``generate_until``.
 
-    ``mode`` is the model's forward mode (``recurrent`` where the checkpoint quantizes the state
-    cache); ``max_length`` cuts inputs from the left as lm-eval's Mamba wrapper does (2048)."""
+    Give either ``model`` and ``tokenizer`` (objects), or ``pretrained`` (what ``mqtool eval``
+    takes: a checkpoint directory, hub id or ``demo``; lm-eval's ``model_args`` are these keyword
+    arguments as strings). ``mode`` is the model's forward mode: ``auto`` is ``recurrent`` where the
+    checkpoint quantizes the state cache. ``max_length`` cuts inputs from the left as lm-eval's
+    Mamba wrapper does (2048)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer, batch_size: int = DEFAULT_BATCH,
-                 mode: str = "parallel", max_length: int = MAX_LENGTH, max_gen_toks: int = 256) -> None:
+    def __init__(self, model: torch.nn.Module | None = None, tokenizer=None, batch_size: int | str = DEFAULT_BATCH,
+                 mode: str = "auto", max_length: int | str = MAX_LENGTH, max_gen_toks: int | str = 256, *,
+                 pretrained: str | None = None, device: str | None = None, dtype: str = "float32",
+                 data_dir: str | None = None, max_batch_size: int | None = None) -> None:
         super().__init__()
+        online: dict = {}
+        if pretrained is not None:
+            if model is not None:
+                raise MqtoolError("give the mqtool lm-eval model either pretrained= or a model, not both")
+            model, tok, ckpt = _load(pretrained, dtype, device, data_dir)
+            tokenizer = tokenizer or tok
+            online = ckpt.manifest.online
+        elif model is None or tokenizer is None:
+            raise MqtoolError("the mqtool lm-eval model needs pretrained=DIR (or a model and a tokenizer)")
+        if mode == "auto":
+            mode = "recurrent" if online.get("state_quantizer") else "parallel"
+        if mode not in ("parallel", "recurrent"):
+            raise MqtoolError(f"mode must be parallel, recurrent or auto, got {mode!r}")
+        # lm-eval's --batch_size may be "auto" or "auto:N"; a fixed size is what this model uses
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            batch_size = DEFAULT_BATCH
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.mode = mode
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
+        if self.batch_size <= 0:
+            raise MqtoolError(f"batch size must be positive, got {batch_size}")
 
     # ------------------------------------------------------------------ what TemplateLM asks for
 
@@ -101,7 +136,10 @@ class MqtoolLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-string log-likelihood in disjoint windows of ``max_length`` tokens, the first one
-        conditioned on the end-of-text token (lm-eval's rolling windows, context_len 1)."""
+        conditioned on the end-of-text token (lm-eval's rolling windows, context_len 1, as HFLM)."""
+        # imported here: a utility, not the model API; the rest of the adapter does not need it
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         pairs: list[tuple[list[int], list[int]]] = []
         owner: list[int] = []
         strings = [req.args[0] for req in requests]
@@ -147,7 +185,7 @@ class MqtoolLM(TemplateLM):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs or {})
             if kwargs.get("do_sample"):
-                raise MqtoolError("the mqtool lm-eval adapter generates greedily only (do_sample is set)")
+                raise MqtoolError("the mqtool lm-eval model generates greedily only (do_sample is set)")
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
@@ -156,70 +194,3 @@ class MqtoolLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             outputs.append(text)
         return outputs
-
-
-# ----------------------------------------------------------------------------------------------
-# lm-eval's task definitions on the local task files
-
-# where each task's YAML sits in lm-eval 0.4's package (found through TaskManager otherwise)
-_YAML = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-         "openbookqa": "openbookqa/openbookqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
-         "winogrande": "winogrande/default.yaml", "lambada_openai": "lambada/lambada_openai.yaml"}
-
-
-def _task_yaml(name: str) -> Path:
-    import lm_eval.tasks
-
-    path = Path(lm_eval.tasks.__file__).parent / _YAML[name]
-    if path.is_file():
-        return path
-    entry = lm_eval.tasks.TaskManager().task_index.get(name)  # slow: indexes every task
-    if not entry or not entry.get("yaml_path"):
-        raise MqtoolError(f"lm-eval has no task '{name}'")
-    return Path(entry["yaml_path"])
-
-
-def lm_eval_task(name: str, docs: list[dict]):
-    """lm-eval's ConfigurableTask ``name`` (its own YAML: prompts, choices, metrics) reading
-    ``docs`` (the HF schema, as ``zeroshot.load_docs`` gives) instead of the hub."""
-    import datasets
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.utils import load_yaml_config
-
-    config = load_yaml_config(str(_task_yaml(name)))
-    split = config.get("test_split") or config.get("validation_split")
-    data = datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
-    config.update(custom_dataset=lambda **_: data, training_split=None, fewshot_split=None,
-                  validation_split=None if split != config.get("validation_split") else split)
-    log = logging.getLogger("lm_eval")
-    level = log.level
-    log.setLevel(logging.ERROR)  # its warning about custom datasets' kwargs means nothing here
-    try:
-        return ConfigurableTask(config=config)
-    finally:
-        log.setLevel(level)
-
-
-def evaluate_tasks(model: torch.nn.Module, tokenizer: TextTokenizer, tasks: str | Sequence[str],
-                   data_dir: str | Path | None = None, limit: int | None = None, batch_size: int = DEFAULT_BATCH,
-                   mode: str = "parallel", max_length: int = MAX_LENGTH) -> dict[str, TaskResult]:
-    """Zero-shot metrics from ``lm_eval.simple_evaluate`` with lm-eval's task definitions on the
-    local files (the first ``limit`` examples), one task at a time."""
-    import lm_eval
-
-    lm = MqtoolLM(model, tokenizer, batch_size=batch_size, mode=mode, max_length=max_length)
-    results: dict[str, TaskResult] = {}
-    for name in parse_tasks(tasks):
-        docs = load_docs(name, data_dir, limit)
-        start = time.perf_counter()
-        out = lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_task(name, docs)], num_fewshot=0,
-                                      bootstrap_iters=0, log_samples=True, verbosity="ERROR")
-        if out is None:
-            raise MqtoolError("lm-eval returned no results")
-        res, samples = out["results"][name], out["samples"][name]
-        metrics = {m: float(res[f"{m},none"]) for m in TASKS[name].metrics}
-        stderr = {m: None if m == "perplexity" else _mean_stderr([float(s[m]) for s in samples])
-                  for m in TASKS[name].metrics}
-        n_req = sum(len(TASKS[name].build(d).requests) for d in docs)
-        results[name] = TaskResult(name, metrics, stderr, len(samples), n_req, time.perf_counter() - start)
-    return results

@@ -14,6 +14,7 @@ from mqtool.errors import MqtoolError
 MAMBA1_DEFAULTS: dict[str, Any] = {
     "d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": "auto", "dt_min": 0.001, "dt_max": 0.1,
     "dt_init_floor": 1e-4, "conv_bias": True, "bias": False,
+    "bcdt_rms_eps": None,  # FalconMamba's weightless norms on dt, B, C (not a mamba-ssm key)
 }
 MAMBA2_DEFAULTS: dict[str, Any] = {
     "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "d_ssm": None, "ngroups": 1,

@@ -4,6 +4,10 @@ Attachment points: the input of in_proj, x_proj, dt_proj, out_proj (`Linear.inpu
 activation `conv_act` (SiLU); the SSM's inputs `ssm_x`, `ssm_dt` (Δ after softplus), `ssm_B`, `ssm_C`
 and its output `ssm_y` (before the gate); the gate activation `gate_act` (SiLU); `state_quantizer`,
 applied to the state stored between recurrent steps.
+
+`bcdt_rms_eps` (FalconMamba, transformers' `mixer_rms_eps`): when set, x_proj's three outputs (the
+low-rank dt before dt_proj, B and C) each pass a weightless RMS norm over their own channels, as
+transformers' `FalconMambaMixer` does; mamba-ssm's `Mamba` has no such norm (None).
 """
 
 from __future__ import annotations
@@ -18,12 +22,20 @@ from mqtool.models import scan
 from mqtool.models.layers import Linear, causal_conv1d, causal_conv1d_step, conv_state_from_input
 
 
+def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, in fp32, back in x's dtype (transformers' `rms_forward`)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class Mamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", conv_bias: bool = True, bias: bool = False,
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, **_unused) -> None:
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 bcdt_rms_eps: float | None = None, **_unused) -> None:
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.bcdt_rms_eps = bcdt_rms_eps
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = Linear(d_model, 2 * self.d_inner, bias=bias)
@@ -53,6 +65,8 @@ class Mamba(nn.Module):
         """x: conv+SiLU output [..., d_inner] -> (u, delta, B, C) through the attachment points."""
         x_dbl = self.x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bcdt_rms_eps is not None:  # FalconMamba: before the attachment points, as the SSM sees them
+            dt, B, C = (weightless_rms_norm(t, self.bcdt_rms_eps) for t in (dt, B, C))
         delta = self.ssm_dt(F.softplus(self.dt_proj(dt).float()))
         return self.ssm_x(x), delta, self.ssm_B(B), self.ssm_C(C)
 

@@ -34,7 +34,16 @@ def export_state_dict(state: dict[str, Tensor], specs: dict[str, dict[str, Any]]
     for name, spec in specs.items():
         if name not in out:
             raise MqtoolError(f"the manifest quantizes {name}, which is not in the weights")
-        q, scale = weight_codes(out.pop(name).float(), spec)
+        w = out.pop(name)
+        if w.dtype != torch.float32:  # written by mqtool < 0.1 in the compute dtype: the codes are lost
+            raise MqtoolError(f"{name} is stored in {str(w.dtype).removeprefix('torch.')}, which cannot hold "
+                              "its quantized values exactly: quantize the model again with this mqtool "
+                              "(it stores quantized weights in float32)")
+        try:
+            q, scale = weight_codes(w, spec)
+        except MqtoolError as e:
+            raise MqtoolError(f"{name}: {e}; it was changed after quantization, or the checkpoint is damaged") \
+                from None
         base = name[: -len(".weight")]
         out[f"{base}.weight_q"] = pack_int4(q) if _packed(spec["bits"]) and q.shape[1] % 2 == 0 else q
         out[f"{base}.weight_scale"] = scale.float().contiguous()

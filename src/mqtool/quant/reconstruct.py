@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -62,8 +63,9 @@ from mqtool.models.layers import causal_conv1d
 from mqtool.models.lm import Block
 from mqtool.models.mamba1 import Mamba
 from mqtool.models.mamba2 import Mamba2
-from mqtool.quant.quantizers import ActQuantizer, fake_quantize_weight
+from mqtool.quant.quantizers import ActQuantizer, dequantize_weight, fake_quantize_weight
 from mqtool.quant.states import StateQuantizer, quantize_one_step
+from mqtool.quant.weights import KEPT_CODES, keep_codes
 
 __all__ = ["TRAINABLE", "apply_reconstruct", "qat_block_forward", "qat_mixer_forward", "trainable_rows"]
 
@@ -405,9 +407,20 @@ def _grid_point(w: Tensor, spec: dict[str, Any]) -> Tensor:
 
 
 @torch.no_grad()
-def _regrid(param: Tensor, spec: dict[str, Any]) -> None:
-    """Put a trained weight back on its grid (:func:`_grid_point`), in place."""
-    param.copy_(_grid_point(param, spec).to(param.dtype))
+def _regrid(lin: nn.Module, spec: dict[str, Any]) -> None:
+    """Put a trained weight back on its grid (:func:`_grid_point`), in place (keeping its codes
+    where the weight is bf16/fp16, as the quantize stage does)."""
+    w = lin.weight.detach().float()
+    kept = getattr(lin, KEPT_CODES, None)
+    if kept is not None:  # what did not train keeps its exact value, not that value's bf16 rounding
+        exact = dequantize_weight(*kept).to(w.device)
+        w = torch.where(exact.to(lin.weight.dtype) == lin.weight.detach(), exact, w)
+    keep_codes(lin, _grid_point(w, spec), spec["bits"], spec.get("group_size"))
+
+
+def _owner(block: nn.Module, param_name: str) -> nn.Module:
+    """The module holding a block's parameter (``mixer.in_proj.weight`` -> ``mixer.in_proj``)."""
+    return block.get_submodule(param_name.rpartition(".")[0])
 
 
 def _check_weight_specs(weight_specs: Any, model: MambaLMHeadModel) -> dict[str, dict[str, Any]]:
@@ -466,6 +479,17 @@ def clear_state_dir(state_dir: Path) -> None:
         state_dir.rmdir()
 
 
+def _load_state_file(path: Path, state_dir: Path) -> dict[str, Tensor]:
+    """A block's or the inputs' saved tensors; a truncated or damaged file is one line."""
+    if not path.exists():
+        raise MqtoolError(f"{path} is missing; remove {state_dir} to start over")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MqtoolError(f"{path} cannot be read ({type(e).__name__}: {e}), truncated by an interruption? "
+                          f"remove {state_dir} to start over") from None
+
+
 def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadModel,
             names: list[Rows]) -> tuple[list[dict], Tensor | None, Tensor | None]:
     """Restores the finished blocks; returns (their losses, next hidden, next residual)."""
@@ -474,8 +498,11 @@ def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadMode
         return [], None, None
     try:
         state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MqtoolError(f"{path} is not valid JSON ({e}); remove {state_dir} to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("blocks", []), list) \
+            or not all(isinstance(b, dict) for b in state.get("blocks", [])):
+        raise MqtoolError(f"{path} is not an ESR state file; remove {state_dir} to start over")
     if state.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         raise MqtoolError(f"{state_dir} holds an ESR run with other settings, model or calibration windows; "
                           "use another state directory or remove it to start over")
@@ -486,7 +513,7 @@ def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadMode
                           f"remove {state_dir} to start over")
     for rec in blocks:
         i = rec["block"]
-        saved = load_file(_block_file(state_dir, i))
+        saved = _load_state_file(_block_file(state_dir, i), state_dir)
         with torch.no_grad():
             for name, (p, _) in names[i].items():
                 if name not in saved:
@@ -495,10 +522,11 @@ def _resume(state_dir: Path, fingerprint: dict[str, Any], model: MambaLMHeadMode
                 p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
     if not blocks or len(blocks) == len(layers):
         return blocks, None, None
-    if not _inputs_file(state_dir, len(blocks)).exists():
-        raise MqtoolError(f"{_inputs_file(state_dir, len(blocks))} is missing; remove {state_dir} to start over")
-    inputs = load_file(_inputs_file(state_dir, len(blocks)))
-    return blocks, inputs["hidden"], inputs["residual"]
+    inputs = _load_state_file(_inputs_file(state_dir, len(blocks)), state_dir)
+    if "hidden" not in inputs:
+        raise MqtoolError(f"{_inputs_file(state_dir, len(blocks))} lacks the hidden states; "
+                          f"remove {state_dir} to start over")
+    return blocks, inputs["hidden"], inputs.get("residual")
 
 
 # ----------------------------------------------------------------------------------- stage
@@ -588,12 +616,13 @@ def apply_reconstruct(
         before = _block_loss(block, *fit, batch_size, device)
         check_before = _block_loss(block, *check, batch_size, device) if n_check else before
         original = {name: p.detach().clone() for name, (p, _) in params[i].items()} if restore_worse else {}
+        codes = {name: getattr(_owner(block, name), KEPT_CODES, None) for name in params[i]}
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         grids = {name: weight_specs[f"backbone.layers.{i}.{name}"] for name in params[i]
                  if f"backbone.layers.{i}.{name}" in weight_specs}
         _train_block(model, block, params[i], *fit, epochs, lr, batch_size, generator, device, grids)
         for name, spec in grids.items():
-            _regrid(params[i][name][0], spec)
+            _regrid(_owner(block, name), spec)
         after = _block_loss(block, *fit, batch_size, device)
         check_after = _block_loss(block, *check, batch_size, device) if n_check else after
         rec = {"block": i, "loss_before": before, "loss_after": after,
@@ -604,6 +633,8 @@ def apply_reconstruct(
             with torch.no_grad():
                 for name, (p, _) in params[i].items():
                     p.copy_(original[name])
+                    if codes[name] is not None:
+                        setattr(_owner(block, name), KEPT_CODES, codes[name])
         del original
         blocks.append(rec)
         hidden, residual = target, next_residual  # the next block's FP inputs

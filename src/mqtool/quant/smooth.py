@@ -154,6 +154,8 @@ def _plan(model: MambaLMHeadModel, name: str, lin: nn.Module, method: str) -> tu
     kind = name.split(".")[-1]
     mamba1 = model.config.layer == "Mamba1"
     has_h = isinstance(lin.input_transform, attach.OnlineHadamard)
+    if kind == "dt_proj" and model.get_submodule(name.rsplit(".", 1)[0]).bcdt_rms_eps is not None:
+        return None, "FalconMamba: an RMS norm between x_proj and dt_proj would undo a scale folded into x_proj"
     if kind in ("in_proj", "lm_head", "dt_proj"):
         return kind, ""
     if kind == "out_proj":

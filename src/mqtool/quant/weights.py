@@ -47,7 +47,7 @@ from mqtool.quant.quantizers import (
 )
 
 __all__ = ["ACT_DEFAULTS", "DEFAULT_SSM_TARGETS", "DEFAULT_TARGETS", "SSM_ACT_DEFAULTS", "WEIGHT_DEFAULTS",
-           "apply_quantize", "weight_codes"]
+           "apply_quantize", "exact_weight", "keep_codes", "weight_codes"]
 
 DEFAULT_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 WEIGHT_DEFAULTS: dict[str, Any] = {"bits": 8, "method": "rtn", "group_size": None, "damp": 0.01,
@@ -117,9 +117,38 @@ def weight_codes(w: Tensor, spec: dict[str, Any]) -> tuple[Tensor, Tensor]:
     q, scale = quantize_weight(w, bits, gs)
     # equal up to one ulp of the scale (see _on_grid): the codes are the same either way
     if not torch.allclose(dequantize_weight(q, scale, gs).to(w.dtype), w, rtol=1e-6, atol=0.0):
-        raise MqtoolError(f"weight is not on the {bits}-bit grid (group_size={gs}) its spec records: "
-                          "was it changed after quantization?")
+        raise MqtoolError(f"weight is not on the {bits}-bit grid (group_size={gs}) its spec records")
     return q, scale
+
+
+# Where a low-precision linear keeps the codes its weight was quantized to (a plain attribute, not
+# in the module's state dict): bf16(q * scale) is not q * scale, and export must recover the codes.
+KEPT_CODES = "kept_weight_codes"
+
+
+def keep_codes(lin: nn.Module, wq: Tensor, bits: int, group_size: int | None) -> None:
+    """Copy the quantized float32 weight `wq` (a fixed point of RTN) into `lin.weight`; where that
+    is bf16/fp16 the codes and scales are kept beside it, so :func:`exact_weight` can give the
+    checkpoint the exact float32 value (about one byte a weight, not a float32 copy)."""
+    if lin.weight.dtype == torch.float32:
+        lin.weight.data.copy_(wq)
+        if hasattr(lin, KEPT_CODES):
+            delattr(lin, KEPT_CODES)
+        return
+    q, scale = quantize_weight(wq, bits, group_size)
+    # the weight from the codes themselves (wq within an ulp: see _on_grid), so exact_weight agrees with it
+    lin.weight.data.copy_(dequantize_weight(q, scale, group_size).to(lin.weight.dtype))
+    setattr(lin, KEPT_CODES, (q, scale, group_size))
+
+
+def exact_weight(lin: nn.Module) -> Tensor | None:
+    """The float32 weight of `lin`'s kept codes, or None when none are kept or the weight changed
+    since they were (then the weight itself is all there is)."""
+    kept = getattr(lin, KEPT_CODES, None)
+    if kept is None:
+        return None
+    w = dequantize_weight(*kept).to(lin.weight.device)
+    return w if torch.equal(w.to(lin.weight.dtype), lin.weight.detach()) else None
 
 
 def _on_grid(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, int]:
@@ -255,7 +284,7 @@ def apply_quantize(model: MambaLMHeadModel, online: dict, calib: Calibration | N
                 regridded += moved
             else:
                 wq = fake_quantize_weight(w, bits, gs)
-            lin.weight.copy_(wq.to(lin.weight.dtype))
+            keep_codes(lin, wq, bits, gs)
             tensors[f"{name}.weight"] = {"bits": bits, "group_size": gs, "method": wspec["method"]}
         record["tensors"] = tensors
         if fallback:

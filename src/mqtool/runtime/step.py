@@ -155,7 +155,8 @@ def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
     x = _conv(mixer, lc, x).to(hidden.dtype)
     A = mixer._A()
     ssu = None if lc.fmt.quantized else _use("selective_state_update", hidden)
-    if ssu is not None and _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU:
+    if (ssu is not None and _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
+            and mixer.bcdt_rms_eps is None):  # FalconMamba's B, C, dt norms run in _ssm_inputs
         # mamba-ssm's Mamba.step, gate fused; quantizers on the SSM inputs run before it
         x_dbl = mixer.x_proj(x)
         dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
