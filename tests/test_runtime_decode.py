@@ -8,14 +8,19 @@ families and every state method, and its cache must hold only codes and scales.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from conftest import make_config, make_model
-from mqtool.models.lm import generate
-from mqtool.quant.states import StateQuantizer
-from mqtool.runtime import Runtime, StateFormat, pack_int4, unpack_int4
-from mqtool.runtime.cache import StateCache
+if not torch.cuda.is_available():  # the kernels are interpreted on CPU (set before mqtool.kernels is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import make_config, make_model  # noqa: E402
+from mqtool.models.lm import generate  # noqa: E402
+from mqtool.quant.states import StateQuantizer  # noqa: E402
+from mqtool.runtime import Runtime, StateFormat, pack_int4, unpack_int4  # noqa: E402
+from mqtool.runtime.cache import StateCache  # noqa: E402
 
 FAMILIES = ("mamba1", "mamba2", "mamba2_g2")
 STATE_METHODS = [None, ("dsq", 8), ("dsq", 4), ("per-channel", 4), ("per-state", 6), ("per-tensor", 4),
@@ -97,6 +102,34 @@ def test_float_state_dtype_is_a_choice():
     assert Runtime(model, state_dtype=torch.float32).fmt.dtype == torch.float32
     with pytest.raises(Exception, match="does not apply"):
         Runtime(_model("mamba1", ("dsq", 4)), state_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("state", [("dsq", 8), ("dsq", 4), ("per-tensor", 4)], ids=lambda s: f"{s[0]}-h{s[1]}")
+def test_the_step_runs_the_fused_state_kernels(family, state, monkeypatch):
+    """The decode step sends int8 and packed int4 codes of both families through mqtool's kernels
+    (interpreted on the CPU) and gets the reference path's logits to fp32 rounding."""
+    from mqtool import kernels
+
+    if not (kernels.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("mqtool.kernels was imported before TRITON_INTERPRET was set")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(5)
+    model = _model(family, state)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    calls = []
+    real = {"state_update": kernels.state_update, "mamba1_state_update": kernels.mamba1_state_update}
+    for name, fn in real.items():
+        monkeypatch.setattr(kernels, name, lambda *a, fn=fn, **k: calls.append(1) or fn(*a, **k))
+    with torch.inference_mode():
+        monkeypatch.setenv("MQTOOL_FUSED_STATE", "0")
+        want = Runtime(model)(ids)
+        assert not calls
+        monkeypatch.setenv("MQTOOL_FUSED_STATE", "1")
+        got = Runtime(model.to(device))(ids.to(device)).cpu()
+    assert len(calls) == model.config.n_layer * ids.shape[1], "the fused kernel did not run every step"
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-3, rel  # codes may differ by one where h / step lands on a tie
 
 
 @pytest.mark.gpu

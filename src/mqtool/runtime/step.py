@@ -9,8 +9,8 @@ Each piece runs the fastest implementation that computes what the simulated mode
   residual add + RMSNorm (`rms_norm_fn`), `causal_conv1d_update` (conv + SiLU),
   `selective_state_update` (float states; dt bias, softplus, D and Mamba-1's gate fused) and the
   gated RMSNorm (`rmsnorm_fn`);
-* mqtool's Triton kernel for Mamba-2 int8 and packed int4 codes (codes in, codes out, dt bias and
-  softplus fused, one launch); Mamba-1 codes have no fused kernel yet and run the reference below;
+* mqtool's Triton kernels for int8 and packed int4 codes of both families (codes in, codes out,
+  dt bias and softplus fused);
 * otherwise the plain-PyTorch reference: the simulated model's own modules and
   `scan.mamba{1,2}_step` on the dequantized state, then `LayerCache.write`.
 
@@ -77,14 +77,18 @@ def _use(name: str, t: Tensor) -> Any:
     return fused_ops().get(name) if t.is_cuda else None
 
 
-def _quant_kernel(lc: LayerCache) -> Any:
-    """mqtool's fused Mamba-2 quantized-state step (int8 or packed int4 codes), when it runs here
-    (CUDA + Triton)."""
-    if not lc.fmt.quantized or not lc.state.is_cuda or os.environ.get("MQTOOL_FUSED_STATE") == "0":
+def _quant_kernel(lc: LayerCache, family: str = "Mamba2") -> Any:
+    """mqtool's fused quantized-state step (int8 or packed int4 codes) for this cache and family,
+    when it runs here (CUDA + Triton, an even state size)."""
+    forced = os.environ.get("MQTOOL_FUSED_STATE")   # "0": never; "1": on the CPU too, interpreted (tests)
+    if not lc.fmt.quantized or forced == "0":
         return None
     from mqtool import kernels
 
-    return kernels.state_update if kernels.HAS_TRITON else None
+    here = lc.state.is_cuda or (forced == "1" and kernels.INTERPRET)
+    if not (kernels.HAS_TRITON and here) or lc.state_shape[-1] % 2:
+        return None
+    return kernels.state_update if family == "Mamba2" else kernels.mamba1_state_update
 
 
 def _conv(mixer: nn.Module, lc: LayerCache, xin: Tensor) -> Tensor:
@@ -154,26 +158,32 @@ def mamba1_step(mixer: nn.Module, hidden: Tensor, lc: LayerCache) -> Tensor:
     x, z = mixer.in_proj(hidden).chunk(2, dim=-1)
     x = _conv(mixer, lc, x).to(hidden.dtype)
     A = mixer._A()
-    ssu = None if lc.fmt.quantized else _use("selective_state_update", hidden)
-    if (ssu is not None and _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
-            and mixer.bcdt_rms_eps is None):  # FalconMamba's B, C, dt norms run in _ssm_inputs
-        # mamba-ssm's Mamba.step, gate fused; quantizers on the SSM inputs run before it
+    fast_gate = _plain(mixer.ssm_y) and type(mixer.gate_act) is nn.SiLU
+    ssu = None if lc.fmt.quantized or not fast_gate else _use("selective_state_update", hidden)
+    kernel = _quant_kernel(lc, "Mamba1")
+    if (ssu is not None or kernel is not None) and mixer.bcdt_rms_eps is None:  # FalconMamba's norms: below
+        # quantizers on the SSM inputs run first; dt_proj's bias and softplus go into the kernel
+        # (as mamba-ssm's Mamba.step does) unless something is attached there
         x_dbl = mixer.x_proj(x)
         dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
         dt_proj = mixer.dt_proj
         raw = (type(dt_proj) is Linear and dt_proj.bias is not None and _plain(mixer.ssm_dt)
                and _plain(dt_proj.input_transform, dt_proj.input_quantizer))
-        if raw:  # as mamba-ssm: dt_proj's bias goes in as dt_bias, softplus fused
+        if raw:
             dt, dt_bias = F.linear(dt, dt_proj.weight), dt_proj.bias
         else:
-            dt = mixer.ssm_dt(F.softplus(dt_proj(dt).float()))
-            dt_bias = dt.new_zeros(1).expand(mixer.d_inner)  # not None: see mamba2_step
-        y = ssu(lc.state, mixer.ssm_x(x), dt, A, mixer.ssm_B(B), mixer.ssm_C(C), mixer.D, z=z, dt_bias=dt_bias,
-                dt_softplus=raw)
-        return mixer.out_proj(y.to(hidden.dtype))
-    u, delta, B, C = mixer._ssm_inputs(x)
-    y, h_new = scan.mamba1_step(lc.read(), u, delta, A, B, C, mixer.D)  # no fused Mamba-1 code kernel yet
-    lc.write(h_new)
+            dt, dt_bias = mixer.ssm_dt(F.softplus(dt_proj(dt).float())), None
+        u, B, C = mixer.ssm_x(x), mixer.ssm_B(B), mixer.ssm_C(C)
+        if ssu is not None:  # gate fused; a zero bias, not None: see mamba2_step
+            dt_bias = dt.new_zeros(1).expand(mixer.d_inner) if dt_bias is None else dt_bias
+            y = ssu(lc.state, u, dt, A, B, C, mixer.D, z=z, dt_bias=dt_bias, dt_softplus=raw)
+            return mixer.out_proj(y.to(hidden.dtype))
+        y = kernel(lc.state, u, dt, A, B, C, mixer.D, lc.scale_channel, lc.scale_state, bits=lc.fmt.bits,
+                   channel_stat=lc.fmt.channel_scale, method=lc.fmt.method, dt_bias=dt_bias, dt_softplus=raw)
+    else:
+        u, delta, B, C = mixer._ssm_inputs(x)
+        y, h_new = scan.mamba1_step(lc.read(), u, delta, A, B, C, mixer.D)
+        lc.write(h_new)
     y = (mixer.ssm_y(y) * mixer.gate_act(z.float())).to(hidden.dtype)
     return mixer.out_proj(y)
 
