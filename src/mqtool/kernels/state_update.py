@@ -191,9 +191,11 @@ def state_update_ref(
 
 #: The kernel's STORAGE constexpr.
 _STORAGE = {"float": 0, "int8": 1, "packed": 2}
-#: Quantized codes run as three launches over (batch, head, row block) programs rather than one
-#: program a head walking its rows twice (`split=`; docs/results.md has both timed).
-SPLIT_ROWS = True
+#: Mamba-2 codes: three launches over (batch, head, row block) programs (`split=True`) rather than
+#: one program a head walking its rows twice. The one-program form is the default because it is
+#: the one timed on the GPU so far (docs/results.md); the split form (Mamba-1's only form) is
+#: tested against the reference on the CPU, not yet timed.
+SPLIT_ROWS = False
 
 if HAS_TRITON:
     import triton
