@@ -251,6 +251,51 @@ if HAS_TRITON:
         return s_c
 
     @triton.jit
+    def _state_scales(col_e, col_o, METHOD: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+                      BLOCK_J: tl.constexpr):
+        """From the column maxima: the state scale of the even and odd columns (1 where the method has
+        none) and per-tensor's one scale."""
+        one = tl.full([BLOCK_J], 1.0, tl.float32)
+        if METHOD == 0 or METHOD == 2:     # dsq, per-state: a scale per state column
+            s_se = tl.math.div_rn(tl.maximum(col_e, EPS), QMAX * 1.0)
+            s_so = tl.math.div_rn(tl.maximum(col_o, EPS), QMAX * 1.0)
+        else:
+            s_se = one
+            s_so = one
+        s_t = tl.math.div_rn(tl.maximum(tl.maximum(tl.max(col_e, axis=0), tl.max(col_o, axis=0)), EPS), QMAX * 1.0)
+        return s_se, s_so, s_t
+
+    @triton.jit
+    def _write_block(state_ptr, sc_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o, N, NJ, he, ho, s_c, s_se,
+                     s_so, QMAX: tl.constexpr, STORAGE: tl.constexpr, EXACT_DIV: tl.constexpr):
+        """Quantize rows ``offs_p`` of the new state with their scales and store them in the state's
+        form (codes + row scales, or the dequantized fp32 value)."""
+        step_e = s_c[:, None] * s_se[None, :]
+        step_o = s_c[:, None] * s_so[None, :]
+        if EXACT_DIV:
+            ce = quant_codes(tl.math.div_rn(he, step_e), QMAX)
+            co = quant_codes(tl.math.div_rn(ho, step_o), QMAX)
+        else:  # one division a row and a column, a multiply an element (an ulp off at times)
+            inv_c = tl.math.div_rn(s_c * 0.0 + 1.0, s_c)
+            ce = quant_codes(he * (inv_c[:, None] * tl.math.div_rn(s_se * 0.0 + 1.0, s_se)[None, :]), QMAX)
+            co = quant_codes(ho * (inv_c[:, None] * tl.math.div_rn(s_so * 0.0 + 1.0, s_so)[None, :]), QMAX)
+        mask_te = mask_p[:, None] & mask_e[None, :]
+        if STORAGE == 0:
+            mask_to = mask_p[:, None] & mask_o[None, :]
+            elem = (base + offs_p[:, None]) * N + 2 * offs_j[None, :]
+            tl.store(state_ptr + elem, ce * step_e, mask=mask_te)
+            tl.store(state_ptr + elem + 1, co * step_o, mask=mask_to)
+        else:
+            pair = (base + offs_p[:, None]) * NJ + offs_j[None, :]
+            ie = ce.to(tl.int32)
+            io = co.to(tl.int32)
+            if STORAGE == 1:
+                tl.store(state_ptr + pair, ((ie & 0xFF) | (io << 8)).to(tl.int16), mask=mask_te)
+            else:
+                tl.store(state_ptr + pair, ((ie & 0xF) | (io << 4)).to(tl.int8), mask=mask_te)
+            tl.store(sc_ptr + base + offs_p, s_c, mask=mask_p)
+
+    @triton.jit
     def _state_update_kernel(
         state_ptr, sc_ptr, ss_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
         H, P, N, HEADS_PER_GROUP, DT_LO, DT_HI,
@@ -338,15 +383,7 @@ if HAS_TRITON:
                 tl.store(state_ptr + elem + 1, ho, mask=mask_to)
 
         if QUANTIZE:
-            one = tl.full([BLOCK_J], 1.0, tl.float32)
-            if METHOD == 0 or METHOD == 2:     # dsq, per-state: a scale per state column
-                s_se = tl.math.div_rn(tl.maximum(col_e, EPS), QMAX * 1.0)
-                s_so = tl.math.div_rn(tl.maximum(col_o, EPS), QMAX * 1.0)
-            else:
-                s_se = one
-                s_so = one
-            s_t = tl.math.div_rn(tl.maximum(tl.maximum(tl.max(col_e, axis=0), tl.max(col_o, axis=0)), EPS),
-                                 QMAX * 1.0)       # per-tensor's one scale
+            s_se, s_so, s_t = _state_scales(col_e, col_o, METHOD, QMAX, EPS, BLOCK_J)
             # pass 2: the same h again (from the old codes, still in place), quantized
             for p0 in range(0, P, BLOCK_P):
                 offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -356,30 +393,8 @@ if HAS_TRITON:
                 s_c = _channel_scale(tl.abs(he), tl.abs(ho), N, METHOD, QMAX, STAT_MAX, STAT_SQRT, EPS)
                 if METHOD == 3:
                     s_c = s_c * s_t
-                step_e = s_c[:, None] * s_se[None, :]
-                step_o = s_c[:, None] * s_so[None, :]
-                if EXACT_DIV:
-                    ce = quant_codes(tl.math.div_rn(he, step_e), QMAX)
-                    co = quant_codes(tl.math.div_rn(ho, step_o), QMAX)
-                else:
-                    inv_c = tl.math.div_rn(tl.full([BLOCK_P], 1.0, tl.float32), s_c)
-                    ce = quant_codes(he * (inv_c[:, None] * tl.math.div_rn(one, s_se)[None, :]), QMAX)
-                    co = quant_codes(ho * (inv_c[:, None] * tl.math.div_rn(one, s_so)[None, :]), QMAX)
-                mask_te = mask_p[:, None] & mask_e[None, :]
-                if STORAGE == 0:
-                    mask_to = mask_p[:, None] & mask_o[None, :]
-                    elem = (base + offs_p[:, None]) * N + 2 * offs_j[None, :]
-                    tl.store(state_ptr + elem, ce * step_e, mask=mask_te)
-                    tl.store(state_ptr + elem + 1, co * step_o, mask=mask_to)
-                else:
-                    pair = (base + offs_p[:, None]) * NJ + offs_j[None, :]
-                    ie = ce.to(tl.int32)
-                    io = co.to(tl.int32)
-                    if STORAGE == 1:
-                        tl.store(state_ptr + pair, ((ie & 0xFF) | (io << 8)).to(tl.int16), mask=mask_te)
-                    else:
-                        tl.store(state_ptr + pair, ((ie & 0xF) | (io << 4)).to(tl.int8), mask=mask_te)
-                    tl.store(sc_ptr + base + offs_p, s_c, mask=mask_p)
+                _write_block(state_ptr, sc_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o, N, NJ, he, ho, s_c,
+                             s_se, s_so, QMAX, STORAGE, EXACT_DIV)
             if STORAGE != 0:   # last: every row above dequantized with the old state scale
                 tl.store(ss_ptr + ss_off, s_se, mask=mask_e)
                 tl.store(ss_ptr + ss_off + 1, s_so, mask=mask_o)
@@ -454,8 +469,6 @@ if HAS_TRITON:
             sso = Bo
         he, ho, x = _new_state(state_ptr, sc_ptr, ss_ptr, x_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o,
                                N, NJ, x_row, dA_e, dA_o, dt, Be, Bo, sse, sso, STORAGE)
-        mask_te = mask_p[:, None] & mask_e[None, :]
-        mask_to = mask_p[:, None] & mask_o[None, :]
         ae = tl.abs(he)
         ao = tl.abs(ho)
         s_c = _channel_scale(ae, ao, N, METHOD, QMAX, STAT_MAX, STAT_SQRT, EPS)
@@ -481,33 +494,11 @@ if HAS_TRITON:
         else:
             col_e = tl.load(col_ptr + ss_off, mask=mask_e, other=0.0)
             col_o = tl.load(col_ptr + ss_off + 1, mask=mask_o, other=0.0)
-            one = tl.full([BLOCK_J], 1.0, tl.float32)
-            if METHOD == 0 or METHOD == 2:
-                s_se = tl.math.div_rn(tl.maximum(col_e, EPS), QMAX * 1.0)
-                s_so = tl.math.div_rn(tl.maximum(col_o, EPS), QMAX * 1.0)
-            else:
-                s_se = one
-                s_so = one
+            s_se, s_so, s_t = _state_scales(col_e, col_o, METHOD, QMAX, EPS, BLOCK_J)
             if METHOD == 3:
-                s_c = s_c * tl.math.div_rn(tl.maximum(tl.maximum(tl.max(col_e, axis=0), tl.max(col_o, axis=0)), EPS),
-                                           QMAX * 1.0)
-            step_e = s_c[:, None] * s_se[None, :]
-            step_o = s_c[:, None] * s_so[None, :]
-            ce = quant_codes(tl.math.div_rn(he, step_e), QMAX)
-            co = quant_codes(tl.math.div_rn(ho, step_o), QMAX)
-            if STORAGE == 0:
-                elem = (base + offs_p[:, None]) * N + 2 * offs_j[None, :]
-                tl.store(state_ptr + elem, ce * step_e, mask=mask_te)
-                tl.store(state_ptr + elem + 1, co * step_o, mask=mask_to)
-            else:
-                pair = (base + offs_p[:, None]) * NJ + offs_j[None, :]
-                ie = ce.to(tl.int32)
-                io = co.to(tl.int32)
-                if STORAGE == 1:
-                    tl.store(state_ptr + pair, ((ie & 0xFF) | (io << 8)).to(tl.int16), mask=mask_te)
-                else:
-                    tl.store(state_ptr + pair, ((ie & 0xF) | (io << 4)).to(tl.int8), mask=mask_te)
-                tl.store(sc_ptr + base + offs_p, s_c, mask=mask_p)
+                s_c = s_c * s_t
+            _write_block(state_ptr, sc_ptr, base, offs_p, offs_j, mask_p, mask_e, mask_o, N, NJ, he, ho, s_c,
+                         s_se, s_so, QMAX, STORAGE, True)
 
     @triton.jit
     def _split_finish_kernel(ss_ptr, col_ptr, N, METHOD: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
