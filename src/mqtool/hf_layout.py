@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mqtool.errors import MqtoolError
-from mqtool.models.config import MambaConfig
+from mqtool.models.config import MambaConfig, read_json
 
 HF = "hf"
 STATE_SPACES = "state-spaces"
@@ -162,14 +162,9 @@ def state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_config(path: str | Path) -> tuple[MambaConfig, dict[str, Any] | None]:
     """A config.json in either layout: (mqtool's config, the HF dict when the file is HF layout, else None)."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MqtoolError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MqtoolError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path)
     if hf_model_type(d) is None:
-        return MambaConfig.load(path), None
+        return MambaConfig.load(path, d), None
     return config_from_hf(d), d
 
 

@@ -97,14 +97,10 @@ class MambaConfig:
         return cls(**known)
 
     @classmethod
-    def load(cls, path: str | Path) -> MambaConfig:
+    def load(cls, path: str | Path, d: dict[str, Any] | None = None) -> MambaConfig:
+        """From config.json at `path` (or from `d`, already read from it)."""
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MqtoolError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MqtoolError(f"{path} is not valid JSON: {e}") from None
+        d = read_json(path) if d is None else d
         try:
             return cls.from_dict(d)
         except TypeError as e:
@@ -112,6 +108,16 @@ class MambaConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or one line saying why it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MqtoolError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MqtoolError(f"{path} is not valid JSON: {e}") from None
 
 
 def _preset(d_model: int, n_layer: int, layer: str) -> dict[str, Any]:
