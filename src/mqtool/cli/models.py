@@ -60,10 +60,11 @@ def generate(
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Greedy generation with the recurrent state cache (works on quantized checkpoints)."""
+    """Greedy generation through the decode runtime: the state cache in its stored form (codes and
+    scales for a state-quantized checkpoint), one CUDA graph a step on a GPU."""
     import torch
 
-    from mqtool.models import generate as greedy
+    from mqtool.runtime import Runtime
 
     net, ckpt = _load(model, dtype, device)
     tok = _tokenizer(ckpt, data_dir)
@@ -71,7 +72,7 @@ def generate(
     if ids.numel() == 0:
         raise MqtoolError("--prompt is empty after tokenization")
     start = time.perf_counter()
-    result = greedy(net, ids, max_new_tokens, eos_token_id=tok.eos_id)
+    result = Runtime(net).generate(ids, max_new_tokens, eos_token_id=tok.eos_id)
     secs = time.perf_counter() - start
     out.print(tok.decode(result[0].tolist()), markup=False, highlight=False)
     err.print(f"{result.shape[1] - ids.shape[1]} tokens in {secs:.2f}s")

@@ -110,8 +110,10 @@ class Runtime:
         return graph, tokens
 
     @torch.inference_mode()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, cuda_graph: bool = True) -> Tensor:
-        """Greedy decoding: ``[b, l]`` -> ``[b, l + max_new_tokens]`` (never a padding row of the vocabulary)."""
+    def generate(self, input_ids: Tensor, max_new_tokens: int, cuda_graph: bool = True,
+                 eos_token_id: int | None = None) -> Tensor:
+        """Greedy decoding: ``[b, l]`` -> ``[b, l + new]``, new = ``max_new_tokens`` or fewer when every
+        sequence has just produced ``eos_token_id`` (never a padding row of the vocabulary)."""
         vocab = self.config.vocab_size
         cache = self.allocate_cache(input_ids.shape[0])
         if cuda_graph and self.device.type == "cuda":
@@ -121,6 +123,8 @@ class Runtime:
         next_ids = self.prefill(input_ids, cache)[:, :vocab].argmax(-1)
         for _ in range(max_new_tokens):
             out.append(next_ids[:, None])
+            if eos_token_id is not None and bool((next_ids == eos_token_id).all()):
+                break
             if cuda_graph and self.device.type == "cuda":
                 tokens.copy_(next_ids)
                 graph.replay()
