@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -79,10 +81,14 @@ def _dtype(dtype: DType):
 @contextmanager
 def _progress(enabled: bool = True):
     """A transient progress bar on stderr, and nothing at all where stderr is not a terminal: in a
-    pipe or a CI log rich cannot redraw a line, and a transient bar would leave a blank one."""
-    enabled = enabled and err.is_terminal
+    pipe or a CI log rich cannot redraw a line, and a transient bar would leave a blank one. A
+    FORCE_COLOR=1 log (rich then calls it a terminal) is not one either: only a real tty, or
+    TTY_COMPATIBLE=1, gets a bar. stdout is never redirected into the bar's console: it stays data."""
+    real_tty = sys.stderr.isatty() or os.environ.get("TTY_COMPATIBLE") == "1"
+    enabled = enabled and err.is_terminal and real_tty
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True, disable=not enabled) as p:
+                  TimeElapsedColumn(), console=err, transient=True, disable=not enabled,
+                  redirect_stdout=False) as p:
         yield p
 
 
