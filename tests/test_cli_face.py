@@ -37,3 +37,27 @@ def test_piped_progress_prints_no_blank_lines(force_color):
         lines = [ANSI.sub("", line) for line in stream.rstrip("\n").split("\n")] if stream else []
         assert "" not in lines, repr(stream)
     assert "demo" in r.stdout  # the table is there
+
+
+def test_json_is_a_stdout_flag_in_compare(capsys, tmp_path):
+    """compare --json prints the report (and only it) on stdout; --json-out writes the same to a file."""
+    import json
+
+    from helpers import run_cli
+
+    js = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--seqlen", "64",
+                             "--max-windows", "2", "--samples", "2", "--calib-seqlen", "32", "--calib-data", "demo",
+                             "--device", "cpu", "--json", "--json-out", str(js))
+    assert code == 0, err
+    doc = json.loads(out)  # nothing but the JSON on stdout
+    assert [r["recipe"] for r in doc["rows"]] == ["fp", "w8a8-rtn"]
+    assert json.loads(js.read_text()) == doc
+
+
+def test_old_json_path_usage_is_one_line(capsys, tmp_path):
+    from helpers import run_cli
+
+    code, out, err = run_cli(capsys, "compare", "demo", "--recipes", "w8a8-rtn", "--json", str(tmp_path / "x.json"))
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "--json-out" in err, err

@@ -44,6 +44,11 @@ CalibOpt = Annotated[Path | None, typer.Option("--calib", help="Calibration dire
                                                "run on this stage's input.")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite OUTPUT if it exists.")]
+# One meaning for --json in every command: a flag, the results as JSON on stdout (and nothing else
+# there: the human table is not printed). A JSON *file* is --json-out PATH.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (instead of the table).")]
+JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Also write the results as JSON to this file.")]
+JSON_FILE_COMMANDS = ("compare", "zeroshot")  # took `--json PATH` before --json-out existed
 
 
 def _model_spec(spec: str) -> str:
