@@ -61,3 +61,35 @@ def test_old_json_path_usage_is_one_line(capsys, tmp_path):
     code, out, err = run_cli(capsys, "compare", "demo", "--recipes", "w8a8-rtn", "--json", str(tmp_path / "x.json"))
     assert code == 2 and out == ""
     assert err.strip().count("\n") == 0 and "--json-out" in err, err
+
+
+def test_model_card_in_every_checkpoint(capsys, tmp_path):
+    """quantize-states (one stage) then quantize (a recipe): each output has a README.md naming the base
+    model, the recipe, each stage with its parameters, and the perplexity its history recorded."""
+    from helpers import run_cli
+
+    one, two = tmp_path / "states", tmp_path / "recipe"
+    assert run_cli(capsys, "quantize-states", "demo", "--bits", "8", "--method", "per-channel", "-o", str(one))[0] == 0
+    code, _, err = run_cli(capsys, "quantize", "demo", "--recipe", "w8a8-rtn", "--device", "cpu", "-o", str(two))
+    assert code == 0, err
+    card = (one / "README.md").read_text()
+    assert "Base model: `scripts/train_demo_model.py`" in card
+    assert "**quantize-states**: `bits=8`, `method=per-channel`" in card and "Recipe: none" in card
+    assert "| stage 1 (train) | eval_ppl_fp32 | 76.175 |" in card  # the demo model's recorded FP perplexity
+    card = (two / "README.md").read_text()
+    assert "Recipe: `w8a8-rtn`" in card and "**quantize**: `weights=" in card
+    assert "tags: [mamba, mqtool, quantized]" in card
+
+
+def test_model_card_measured_perplexity(tmp_path):
+    from mqtool.checkpoint import Manifest, save_checkpoint
+    from mqtool.models import MambaConfig
+
+    cfg = MambaConfig(d_model=16, n_layer=1, vocab_size=16, ssm_cfg={"d_state": 4})
+    from mqtool.checkpoint import build_model, model_state_dict
+
+    save_checkpoint(tmp_path / "c", cfg, model_state_dict(build_model(cfg)), Manifest(source="state-spaces/mamba-130m"),
+                    perplexity={"wikitext2": 21.5})
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "base_model: state-spaces/mamba-130m" in card and "| this checkpoint (wikitext2) | ppl | 21.500 |" in card
+    assert "None: the weights are as they came." in card

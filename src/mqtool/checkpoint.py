@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mqtool import __version__, hf_layout
+from mqtool import __version__, hf_layout, model_card
 from mqtool.atomic import interrupted_copy, leftover_of, sweep, write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel
@@ -458,10 +458,11 @@ def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: in
 
 def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
                     tokenizer_path: Path | None = None, force: bool = False,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, perplexity: dict[str, float] | None = None) -> Path:
     """Writes a checkpoint directory atomically (see mqtool.atomic): a kill at any instant leaves
     either the complete new checkpoint or the previous one; an existing `out` is replaced only with force.
-    The config and tensor names are written in the manifest's layout (state-spaces or Hugging Face)."""
+    The config and tensor names are written in the manifest's layout (state-spaces or Hugging Face);
+    a model card (README.md, mqtool.model_card) with `perplexity` (task -> value) where the caller measured it."""
 
     def fill(tmp: Path) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -473,6 +474,7 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / model_card.README).write_text(model_card.render(config, manifest, perplexity))
 
     return write_dir_atomic(Path(out).expanduser(), fill, replace=force)
 
