@@ -93,3 +93,56 @@ def test_model_card_measured_perplexity(tmp_path):
     card = (tmp_path / "c" / "README.md").read_text()
     assert "base_model: state-spaces/mamba-130m" in card and "| this checkpoint (wikitext2) | ppl | 21.500 |" in card
     assert "None: the weights are as they came." in card
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """huggingface_hub.snapshot_download replaced by one that records its arguments and hands back
+    the embedded demo model's weights, config and tokenizer as a plain repo (no mqtool.json; no network)."""
+    import shutil
+
+    import huggingface_hub
+
+    from mqtool.cli._common import DEMO_MODEL
+
+    repo = tmp_path / "hub-snapshot"
+    repo.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copyfile(DEMO_MODEL / name, repo / name)
+    calls: list[dict] = []
+
+    def snapshot_download(repo_id, **kw):
+        calls.append({"repo_id": repo_id, **kw})
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return calls
+
+
+def test_revision_and_token_reach_the_hub(capsys, tmp_path, fake_hub, monkeypatch):
+    from helpers import run_cli
+
+    code, out, err = run_cli(capsys, "--revision", "v1", "--token", "hf_x", "info", "someone/mamba-tiny")
+    assert code == 0, err
+    assert fake_hub[-1]["repo_id"] == "someone/mamba-tiny"
+    assert fake_hub[-1]["revision"] == "v1" and fake_hub[-1]["token"] == "hf_x"
+    # owner/name@revision, and the token from $HF_TOKEN; the card names the repo as the base model
+    monkeypatch.setenv("HF_TOKEN", "hf_env")
+    code, _, err = run_cli(capsys, "quantize", "someone/mamba-tiny@abc123", "--weights", "8", "--device", "cpu",
+                           "-o", str(tmp_path / "q"))
+    assert code == 0, err
+    assert fake_hub[-1]["revision"] == "abc123" and fake_hub[-1]["token"] == "hf_env"
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "base_model: someone/mamba-tiny\n" in card and "Base model: `someone/mamba-tiny@abc123`" in card
+    # without either: huggingface-hub's defaults
+    monkeypatch.delenv("HF_TOKEN")
+    assert run_cli(capsys, "info", "someone/mamba-tiny")[0] == 0
+    assert fake_hub[-1]["revision"] is None and fake_hub[-1]["token"] is None
+
+
+def test_conflicting_revisions_are_one_line(capsys, fake_hub):
+    from helpers import run_cli
+
+    code, _, err = run_cli(capsys, "--revision", "v1", "info", "someone/mamba-tiny@v2")
+    assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0 and "give one" in err

@@ -54,8 +54,9 @@ def render(config: MambaConfig, manifest, perplexity: dict[str, float] | None = 
                       and isinstance(s["params"].get("recipe"), str)})
     front = ["---", "library_name: mqtool", "tags: [mamba, mqtool" + (", quantized" if _quantized(manifest) else "")
              + "]"]
-    if _REPO_ID.match(source) and not source.endswith(".py") and not Path(source).exists():  # a hub id
-        front.append(f"base_model: {source}")
+    repo = source.split("@", 1)[0]  # owner/name@revision: the hub's base_model is the repo
+    if _REPO_ID.match(repo) and not repo.endswith(".py") and not Path(repo).exists():  # a hub id
+        front.append(f"base_model: {repo}")
     front.append("---")
     lines = [*front, "", f"# {config.layer} model written by mqtool {__version__}", "",
              f"- Base model: `{source}`",

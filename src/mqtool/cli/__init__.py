@@ -13,7 +13,7 @@ import typer
 
 from mqtool import __version__
 from mqtool.cli import evaluation, models, stages
-from mqtool.cli._common import JSON_FILE_COMMANDS, err
+from mqtool.cli._common import HUB, JSON_FILE_COMMANDS, err
 from mqtool.errors import MqtoolError
 
 app = typer.Typer(
@@ -52,8 +52,15 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False) -> None:
-    pass
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub downloads: the branch, tag or commit of a MODEL that "
+                                                 "is a repo id (or write MODEL as owner/name@revision).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="HF_TOKEN", show_envvar=False,
+                                              help="Hub downloads: the access token of a private or gated repo "
+                                              "(default: $HF_TOKEN, else huggingface-hub's saved login).")] = None,
+) -> None:
+    HUB.update(revision=revision, token=token)
 
 
 class Terminated(BaseException):

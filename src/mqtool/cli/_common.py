@@ -51,6 +51,11 @@ JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Also write 
 JSON_FILE_COMMANDS = ("compare", "zeroshot")  # took `--json PATH` before --json-out existed
 
 
+# Where a MODEL that is a hub id is downloaded from: `mqtool --revision R --token T COMMAND ...`
+# (set by the root callback on every run; the token defaults to $HF_TOKEN, then huggingface-hub's login)
+HUB: dict[str, str | None] = {"revision": None, "token": None}
+
+
 def _model_spec(spec: str) -> str:
     return str(DEMO_MODEL) if spec == "demo" else spec
 
@@ -106,7 +111,7 @@ def _load(spec: str, dtype: DType, device: str):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    return load_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+    return load_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device), **HUB)
 
 
 def _load_integer(spec: str, dtype: DType, device: str):
@@ -118,7 +123,7 @@ def _load_integer(spec: str, dtype: DType, device: str):
     if dtype == DType.float32:  # as _load: no TF32 in the float parts
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+    return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device), **HUB)
 
 
 def _run_mode(mode: str, online: dict, recurrent: bool = False) -> str:
