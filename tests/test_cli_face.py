@@ -146,3 +146,29 @@ def test_conflicting_revisions_are_one_line(capsys, fake_hub):
 
     code, _, err = run_cli(capsys, "--revision", "v1", "info", "someone/mamba-tiny@v2")
     assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0 and "give one" in err
+
+
+def test_plot_writes_pngs(capsys, tmp_path):
+    """mqtool plot on a quantized demo (calibrations of it and of a rotated copy, FP base): every
+    figure is a PNG of a real size."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from helpers import run_cli
+
+    cal, rot, rcal, q = tmp_path / "cal", tmp_path / "rot", tmp_path / "rcal", tmp_path / "q"
+    small = ("--data", "demo", "--samples", "2", "--seqlen", "32", "--state-samples", "1", "--device", "cpu")
+    assert run_cli(capsys, "quantize", "demo", "--weights", "4", "--device", "cpu", "-o", str(q))[0] == 0
+    assert run_cli(capsys, "calibrate", str(q), *small, "-o", str(cal))[0] == 0
+    assert run_cli(capsys, "rotate", "demo", "--method", "hadamard", "--device", "cpu", "-o", str(rot))[0] == 0
+    assert run_cli(capsys, "calibrate", str(rot), *small, "-o", str(rcal))[0] == 0
+    code, _, err = run_cli(capsys, "plot", str(q), "--calib", str(cal), "--after", str(rcal), "--base", "demo",
+                           "--device", "cpu", "-o", str(tmp_path / "plots"))
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["input-absmax-in_proj.png", "input-absmax-out_proj.png", "state-map.png", "state-profiles.png",
+                     "weight-error.png"]
+    for name in names:
+        with Image.open(tmp_path / "plots" / name) as im:
+            assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 200, (name, im.size)
+    assert "wrote 5 PNG files" in " ".join(err.split())

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from mqtool import __version__
-from mqtool.cli import evaluation, models, stages
+from mqtool.cli import evaluation, models, plotting, stages
 from mqtool.cli._common import HUB, JSON_FILE_COMMANDS, err
 from mqtool.errors import MqtoolError
 
@@ -42,6 +42,7 @@ app.command()(stages.quantize)
 app.command()(stages.export)
 app.command()(models.recipes)
 app.command()(evaluation.compare)
+app.command()(plotting.plot)
 app.command()(evaluation.demo)
 
 
