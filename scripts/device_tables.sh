@@ -25,11 +25,11 @@ PY
 linear)
   python3 -u -m mqtool compare "$model" --tasks $tasks --seqlen 1024 --batch-size 64 \
     --recipes w8a8-rtn,w8a8-gptq,w8a8-smoothquant,w8a8-quarot,w8a8-klt,w4a8-rtn,w4a8-gptq,w4a8-smoothquant,w4a8-quarot,w4a8-ablation-klt,w4a8-ablation-hadamard-sf,w4a8-ablation-klt-sf,w4a8-klt \
-    --markdown "$out/$name-linear.md" --json "$out/$name-linear.json" > "$out/$name-linear.log" 2>&1 ;;
+    --markdown "$out/$name-linear.md" --json-out "$out/$name-linear.json" > "$out/$name-linear.log" 2>&1 ;;
 states)
   python3 -u -m mqtool compare "$model" --tasks $tasks --seqlen 1024 --batch-size 512 --samples ${ESR_SAMPLES:-32} \
     --recipes w16a16h8-dsq,w16a16h8-perchannel,w16a16h6-dsq,w16a16h6-perchannel,w16a16h4-pertensor,w16a16h4-perchannel,w16a16h4-perstate,w16a16h4-dsq,w16a16h4-dsq-esr,w8a8h8-qmamba,w8a8h6-qmamba,w8a8h4-qmamba,w4a8h4-klt-dsq \
-    --markdown "$out/$name-states.md" --json "$out/$name-states.json" > "$out/$name-states.log" 2>&1 ;;
+    --markdown "$out/$name-states.md" --json-out "$out/$name-states.json" > "$out/$name-states.log" 2>&1 ;;
 kernels)
   for f in tests/test_kernels_act_quant.py tests/test_kernels_matmul.py tests/test_kernels_state_update.py \
            tests/test_runtime.py; do

@@ -359,7 +359,7 @@ def test_output_below_a_file(capsys, tmp_path: Path):
     for args in (["quantize", "demo", "--weights", "8", "-o", str(f / "q")],
                  ["calibrate", "demo", "--data", "demo", "--samples", "2", "--seqlen", "32", "-o", str(f / "c")],
                  ["compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--markdown", str(f / "x.md")],
-                 ["compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--json", str(f / "x.json")]):
+                 ["compare", "demo", "--recipes", "w8a8-rtn", "--tasks", "demo", "--json-out", str(f / "x.json")]):
         one_line_error(*run_cli(capsys, *args)[::2], "is a file")
 
 

@@ -47,7 +47,7 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 def test_round_trip_identical_logits(tiny_model, tmp_path):
     out = _save(tiny_model, tmp_path / "ckpt")
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "mqtool.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "mqtool.json"]
     stored = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in stored  # tied: the embedding is the one copy (as state-spaces stores it)
     assert set(stored) == set(tiny_model.state_dict()) - {"lm_head.weight"}

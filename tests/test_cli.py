@@ -187,7 +187,7 @@ def test_recipe_and_compare(capsys, tmp_path, tokenizer_model, text_file):
     code, _, err = run(capsys, "compare", str(model), "--recipes", "w8a8-rtn,w16a16h4-dsq-esr",
                        "--tasks", str(text_file), "--seqlen", "32", "--max-windows", "2", "--samples", "4",
                        "--calib-seqlen", "32", "--calib-data", str(text_file),
-                       "--markdown", str(md), "--json", str(js), "--device", "cpu")
+                       "--markdown", str(md), "--json-out", str(js), "--device", "cpu")
     assert code == 0, err
     rows = json.loads(js.read_text())["rows"]
     assert [r["recipe"] for r in rows] == ["fp", "w8a8-rtn", "w16a16h4-dsq-esr"]

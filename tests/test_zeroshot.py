@@ -354,7 +354,7 @@ def test_adapter_generates_greedily(lm_eval_mod, config_factory, model_factory) 
 def test_cli_demo_two_tasks(lm_eval_mod, capsys, tmp_path: Path) -> None:
     out_json = tmp_path / "zs.json"
     code, out, err = run_cli(capsys, "zeroshot", "demo", "--tasks", "piqa,arc_easy", "--limit", "3", "--device",
-                             "cpu", "--data-dir", str(shared_data()), "--json", str(out_json))
+                             "cpu", "--data-dir", str(shared_data()), "--json-out", str(out_json))
     assert code == 0, err
     assert "piqa" in out and "arc_easy" in out and "acc_norm" in out and "lm-eval" in out
     doc = json.loads(out_json.read_text())

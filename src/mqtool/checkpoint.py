@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mqtool import __version__, hf_layout
+from mqtool import __version__, hf_layout, model_card
 from mqtool.atomic import interrupted_copy, leftover_of, sweep, write_dir_atomic
 from mqtool.errors import MqtoolError
 from mqtool.models import MambaConfig, MambaLMHeadModel
@@ -115,8 +115,10 @@ class Checkpoint:
         return checkpoint_hash(self.path)
 
 
-def resolve(spec: str | Path) -> Path:
-    """A local checkpoint directory, or a Hugging Face repo id downloaded with huggingface-hub."""
+def resolve(spec: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local checkpoint directory, or a Hugging Face repo id downloaded with huggingface-hub:
+    at `revision` (a branch, tag or commit; also written `owner/name@revision`), with `token` for a
+    private or gated repo (default: huggingface-hub's own, $HF_TOKEN or the saved login)."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -127,6 +129,11 @@ def resolve(spec: str | Path) -> Path:
                               f"checkpoint (the next write of {owner} sweeps or restores it)")
         return path
     s = str(spec)
+    if "@" in s and _REPO_ID.match(s.split("@", 1)[0]):
+        s, at = s.split("@", 1)
+        if revision is not None and revision != at:
+            raise MqtoolError(f"{spec} names revision {at!r}, and --revision says {revision!r}: give one")
+        revision = at or None
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
         hidden = interrupted_copy(path)
         if hidden is not None:
@@ -137,9 +144,10 @@ def resolve(spec: str | Path) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = ["config.json", "*.safetensors", WEIGHTS_INDEX, TORCH_WEIGHTS, "tokenizer.json", MANIFEST]
-        return Path(snapshot_download(s, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, auth: all mean the same to the user
-        raise MqtoolError(f"{spec}: not a local directory, and downloading it from the Hugging Face hub "
+        return Path(snapshot_download(s, revision=revision, token=token, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo or revision, auth: all mean the same to the user
+        at = f" at revision {revision}" if revision else ""
+        raise MqtoolError(f"{spec}: not a local directory, and downloading it{at} from the Hugging Face hub "
                           f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -173,11 +181,11 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     raise MqtoolError(f"{path}: no weights ({WEIGHTS}, {WEIGHTS_INDEX} or {TORCH_WEIGHTS})")
 
 
-def load_checkpoint(spec: str | Path) -> Checkpoint:
-    """Reads config, manifest and raw tensors (no model is built)."""
-    path = resolve(spec)
+def load_checkpoint(spec: str | Path, revision: str | None = None, token: str | None = None) -> Checkpoint:
+    """Reads config, manifest and raw tensors (no model is built); `revision`, `token`: see resolve."""
+    path = resolve(spec, revision, token)
     config, hf_config = hf_layout.load_config(path / "config.json")
-    manifest = Manifest(source=str(spec))
+    manifest = Manifest(source=str(spec) + (f"@{revision}" if revision and "@" not in str(spec) else ""))
     if (path / MANIFEST).exists():
         try:
             manifest = Manifest.from_dict(json.loads((path / MANIFEST).read_text()))
@@ -306,9 +314,9 @@ def _attach(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHeadModel
         raise MqtoolError(f"mqtool.json: malformed online transforms ({type(e).__name__}: {e})") from None
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[MambaLMHeadModel, Checkpoint]:
-    ckpt = load_checkpoint(spec)
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               revision: str | None = None, token: str | None = None) -> tuple[MambaLMHeadModel, Checkpoint]:
+    ckpt = load_checkpoint(spec, revision, token)
     state = ckpt.state_dict
     if ckpt.manifest.exported:  # packed codes + scales -> the simulated weights they encode
         from mqtool.quant.export import import_state_dict
@@ -458,10 +466,11 @@ def _save_sharded(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: in
 
 def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch.Tensor], manifest: Manifest,
                     tokenizer_path: Path | None = None, force: bool = False,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, perplexity: dict[str, float] | None = None) -> Path:
     """Writes a checkpoint directory atomically (see mqtool.atomic): a kill at any instant leaves
     either the complete new checkpoint or the previous one; an existing `out` is replaced only with force.
-    The config and tensor names are written in the manifest's layout (state-spaces or Hugging Face)."""
+    The config and tensor names are written in the manifest's layout (state-spaces or Hugging Face);
+    a model card (README.md, mqtool.model_card) with `perplexity` (task -> value) where the caller measured it."""
 
     def fill(tmp: Path) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -473,6 +482,7 @@ def save_checkpoint(out: str | Path, config: MambaConfig, state: dict[str, torch
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / model_card.README).write_text(model_card.render(config, manifest, perplexity))
 
     return write_dir_atomic(Path(out).expanduser(), fill, replace=force)
 

@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from mqtool import __version__
-from mqtool.cli import evaluation, models, stages
-from mqtool.cli._common import err
+from mqtool.cli import evaluation, models, plotting, stages
+from mqtool.cli._common import HUB, JSON_FILE_COMMANDS, err
 from mqtool.errors import MqtoolError
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command()(stages.quantize)
 app.command()(stages.export)
 app.command()(models.recipes)
 app.command()(evaluation.compare)
+app.command()(plotting.plot)
 app.command()(evaluation.demo)
 
 
@@ -52,8 +53,15 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False) -> None:
-    pass
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub downloads: the branch, tag or commit of a MODEL that "
+                                                 "is a repo id (or write MODEL as owner/name@revision).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="HF_TOKEN", show_envvar=False,
+                                              help="Hub downloads: the access token of a private or gated repo "
+                                              "(default: $HF_TOKEN, else huggingface-hub's saved login).")] = None,
+) -> None:
+    HUB.update(revision=revision, token=token)
 
 
 class Terminated(BaseException):
@@ -96,9 +104,24 @@ def _main() -> None:
         # usage errors (bad option values, unknown commands) carry their own message and exit code;
         # typer may vendor click, so recognise them by what they offer rather than by class
         if hasattr(e, "show") and hasattr(e, "exit_code"):
+            hint = _old_json_usage(sys.argv[1:])
+            if hint:
+                print("error: " + hint, file=sys.stderr)
+                sys.exit(2)
             e.show()
             sys.exit(e.exit_code)
         raise
     if rc == 130:  # typer turns Ctrl-C into a return code of 130 (and prints nothing)
         print("interrupted", file=sys.stderr)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _old_json_usage(args: list[str]) -> str | None:
+    """The message for `compare/zeroshot ... --json PATH` (how a JSON file was asked for before
+    --json became a flag everywhere), when that is what a usage error came from."""
+    if not args or args[0] not in JSON_FILE_COMMANDS or "--json" not in args:
+        return None
+    i = args.index("--json")
+    if i + 1 < len(args) and not args[i + 1].startswith("-"):
+        return (f"--json is a flag (JSON on stdout); to write a file use --json-out {args[i + 1]}")
+    return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -42,6 +44,16 @@ CalibOpt = Annotated[Path | None, typer.Option("--calib", help="Calibration dire
                                                "run on this stage's input.")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite OUTPUT if it exists.")]
+# One meaning for --json in every command: a flag, the results as JSON on stdout (and nothing else
+# there: the human table is not printed). A JSON *file* is --json-out PATH.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (instead of the table).")]
+JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Also write the results as JSON to this file.")]
+JSON_FILE_COMMANDS = ("compare", "zeroshot")  # took `--json PATH` before --json-out existed
+
+
+# Where a MODEL that is a hub id is downloaded from: `mqtool --revision R --token T COMMAND ...`
+# (set by the root callback on every run; the token defaults to $HF_TOKEN, then huggingface-hub's login)
+HUB: dict[str, str | None] = {"revision": None, "token": None}
 
 
 def _model_spec(spec: str) -> str:
@@ -79,10 +91,14 @@ def _dtype(dtype: DType):
 @contextmanager
 def _progress(enabled: bool = True):
     """A transient progress bar on stderr, and nothing at all where stderr is not a terminal: in a
-    pipe or a CI log rich cannot redraw a line, and a transient bar would leave a blank one."""
-    enabled = enabled and err.is_terminal
+    pipe or a CI log rich cannot redraw a line, and a transient bar would leave a blank one. A
+    FORCE_COLOR=1 log (rich then calls it a terminal) is not one either: only a real tty, or
+    TTY_COMPATIBLE=1, gets a bar. stdout is never redirected into the bar's console: it stays data."""
+    real_tty = sys.stderr.isatty() or os.environ.get("TTY_COMPATIBLE") == "1"
+    enabled = enabled and err.is_terminal and real_tty
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True, disable=not enabled) as p:
+                  TimeElapsedColumn(), console=err, transient=True, disable=not enabled,
+                  redirect_stdout=False) as p:
         yield p
 
 
@@ -95,7 +111,7 @@ def _load(spec: str, dtype: DType, device: str):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    return load_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+    return load_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device), **HUB)
 
 
 def _load_integer(spec: str, dtype: DType, device: str):
@@ -107,7 +123,7 @@ def _load_integer(spec: str, dtype: DType, device: str):
     if dtype == DType.float32:  # as _load: no TF32 in the float parts
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device))
+    return load_integer_model(_model_spec(spec), dtype=_dtype(dtype), device=_device(device), **HUB)
 
 
 def _run_mode(mode: str, online: dict, recurrent: bool = False) -> str:

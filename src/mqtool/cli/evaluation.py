@@ -16,6 +16,8 @@ from mqtool.cli._common import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    JsonOpt,
+    JsonOutOpt,
     _dtype,
     _json,
     _load,
@@ -51,7 +53,7 @@ def eval_cmd(
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+    json_out: JsonOpt = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Run the exported linears on the integer kernels "
                                           "(an `mqtool export` checkpoint with 8-bit activations).")] = False,
     runtime: Annotated[bool, typer.Option("--runtime", help="Score token by token through the decode runtime "
@@ -118,7 +120,8 @@ def zeroshot(
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
 ) -> None:
     """Zero-shot accuracy scored by lm-eval (lm_eval.simple_evaluate; acc, acc_norm; LAMBADA acc and
     perplexity), from the task files in <data root>/zeroshot where they are, else from the hub."""
@@ -129,7 +132,7 @@ def zeroshot(
     from mqtool.evaluate.lm_eval_adapter import MqtoolLM  # fails in one line without lm-eval
 
     if json_path is not None:
-        json_path = check_output_file(json_path, "--json")
+        json_path = check_output_file(json_path, "--json-out")
     net, ckpt = _load(model, dtype, device)
     tok = _tokenizer(ckpt, data_dir)
     run_mode = _run_mode(mode.value, ckpt.manifest.online)
@@ -146,11 +149,14 @@ def zeroshot(
             se = r.stderr.get(metric)
             shown = f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
             table.add_row(name, metric, shown, "" if se is None else f"{se:.4f}", str(r.n), f"{r.seconds:.1f}")
-    out.print(table)
+    report = {"model": model, "lm_eval": lm_eval.__version__, "mode": run_mode, "dtype": dtype.value,
+              "limit": limit, "results": {k: r.to_dict() for k, r in results.items()}}
     if json_path:
-        report = {"model": model, "lm_eval": lm_eval.__version__, "mode": run_mode, "dtype": dtype.value,
-                  "limit": limit, "results": {k: r.to_dict() for k, r in results.items()}}
         prepare_output_file(json_path).write_text(_json(report) + "\n")
+    if json_out:  # JSON is stdout's only content; the table is not printed
+        print(_json(report))
+    else:
+        out.print(table)
 
 
 class StateDType(str, Enum):
@@ -184,7 +190,7 @@ def bench(
                                            "generate(cg=True) on the same shape and dtype (CUDA, when "
                                            "mamba-ssm is installed) and report ratios to it.")] = True,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the sweep here (needs matplotlib).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Time prefill and decode through the generation runtime on random tokens (no data needed),
     over a sweep of batch sizes and prompt lengths, beside mamba-ssm's generate; report tokens/s,
@@ -273,7 +279,8 @@ def compare(
     = None,
     calib_data: Annotated[str | None, typer.Option(help="Override every recipe's calibration data.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as markdown here.")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
@@ -288,7 +295,7 @@ def compare(
     names = _split(recipes_) or []
     recs = [load_recipe(n) for n in names]  # fail on a bad name before any work
     markdown = None if markdown is None else check_output_file(markdown, "--markdown")
-    json_path = None if json_path is None else check_output_file(json_path, "--json")
+    json_path = None if json_path is None else check_output_file(json_path, "--json-out")
     task_list = _split(tasks) or []
     net, ckpt = _load(model, dtype, device)
     tok = _tokenizer(ckpt, data_dir)
@@ -314,7 +321,7 @@ def compare(
         mode = "recurrent" if records and records[-1]["online"].get("state_quantizer") else "parallel"
         stage_seconds = [{"stage": r["stage"], "seconds": r["seconds"]} for r in records]
         evaluate(rec.name, net, mode, {"seconds": secs, "stage_seconds": stage_seconds, **_esr_summary(records)})
-    _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path)
+    _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path, json_out)
 
 
 def _esr_summary(records: list[dict]) -> dict:
@@ -331,7 +338,7 @@ def _esr_summary(records: list[dict]) -> dict:
     return {}
 
 
-def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path) -> None:
+def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_path, json_out=False) -> None:
     from mqtool.checkpoint import prepare_output_file
 
     fp = rows[0]
@@ -351,21 +358,25 @@ def _print_compare(model, rows, task_list, seqlen, max_windows, markdown, json_p
             cells += [f"{r[t]:.2f}", "" if r is fp else f"{100 * (r[t] / fp[t] - 1):+.2f}"]
         table.add_row(r["recipe"], *cells, r["mode"], f"{r['seconds']:.1f}")
         md.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {r['mode']} | {r['seconds']:.1f} |")
-    out.print(table)
     if markdown:
         prepare_output_file(markdown).write_text("\n".join(md) + "\n")
+    report = {"model": model, "seqlen": seqlen, "max_windows": max_windows, "rows": rows}
     if json_path:
-        report = {"model": model, "seqlen": seqlen, "max_windows": max_windows, "rows": rows}
         prepare_output_file(json_path).write_text(_json(report) + "\n")
+    if json_out:  # JSON is stdout's only content; the table is not printed
+        print(_json(report))
+    else:
+        out.print(table)
 
 
 def demo(
     recipes_: Annotated[str, typer.Option("--recipes", help="Recipes to run on the demo model.")]
     = "w8a8-rtn,w4a8-rtn,w4a8-quarot,w4a8-klt,w16a16h4-perchannel,w16a16h4-dsq",
     device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
 ) -> None:
     """The main job on the embedded demo Mamba-2, offline: quantize it with several recipes
     (calibrated on a small embedded text) and compare perplexity on held-out text, FP first."""
     compare("demo", recipes_, tasks="demo", seqlen=256, max_windows=None, batch_size=16, samples=16,
-            calib_seqlen=256, calib_data=str(DEMO_CALIB), markdown=None, json_path=None, dtype=DType.float32,
-            device=device, data_dir=None)
+            calib_seqlen=256, calib_data=str(DEMO_CALIB), markdown=None, json_out=json_out, json_path=None,
+            dtype=DType.float32, device=device, data_dir=None)

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from mqtool.cli._common import (
+    HUB,
     DataDirOpt,
     DeviceOpt,
     DType,
@@ -82,7 +83,7 @@ def info(model: Annotated[str, typer.Argument(help="Checkpoint directory, hub re
     """Show a checkpoint's config and manifest (stages applied, quantization, online transforms)."""
     from mqtool.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(_model_spec(model))
+    ckpt = load_checkpoint(_model_spec(model), **HUB)
     n = sum(v.numel() for v in ckpt.state_dict.values())
     print(json.dumps({"path": str(ckpt.path), "layer": ckpt.config.layer, "parameters": n,
                       "config": ckpt.config.to_dict(), "manifest": ckpt.manifest.to_dict()}, indent=2))

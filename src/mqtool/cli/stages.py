@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from mqtool.cli._common import (
+    HUB,
     CalibOpt,
     DataDirOpt,
     DeviceOpt,
@@ -360,7 +361,7 @@ def export(
 
     src = _model_spec(model)
     check_output_dir(output, force, (src,))
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(src, **HUB)
     if ckpt.manifest.exported:
         raise MqtoolError(f"{model} is already exported")
     specs = weight_specs(ckpt.manifest.stages)

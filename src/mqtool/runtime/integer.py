@@ -136,12 +136,13 @@ def _placeholder(shape: tuple[int, int], dtype: torch.dtype, device: str | torch
     return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
-def load_integer_model(spec: str | Path, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu") -> tuple[MambaLMHeadModel, Checkpoint]:
+def load_integer_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       revision: str | None = None, token: str | None = None
+                       ) -> tuple[MambaLMHeadModel, Checkpoint]:
     """An exported checkpoint as a model whose exported linears are :class:`IntLinear` (packed
     codes and scales as stored, no float copy of those weights is ever made); the rest is built
     as `load_model` builds it. Returns (model, checkpoint) like `load_model`."""
-    ckpt = load_checkpoint(spec)
+    ckpt = load_checkpoint(spec, revision, token)
     if not ckpt.manifest.exported:
         raise MqtoolError(f"{spec} is not an exported checkpoint: the integer kernels read packed codes and "
                           "scales; run `mqtool export` on it first")
