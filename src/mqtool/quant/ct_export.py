@@ -246,5 +246,8 @@ def write_export(out: Path, config: MambaConfig, state: dict[str, Tensor], specs
                   metadata={"format": "pt"})
         if tokenizer_path is not None:
             (tmp / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
+            # without it AutoTokenizer (vLLM's) guesses the class from model_type; with it, tokenizer.json as is
+            (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+                                                       + "\n")
 
     return write_dir_atomic(Path(out).expanduser(), fill, replace=force)
