@@ -49,7 +49,7 @@ _UNSERVABLE_ONLINE = {
     "ssm_smooth": "SSM smoothing buffers (smooth)",
     "smooth_scale": "online smoothing scales (smooth)",
 }
-_PIP_HINT = 'the compressed-tensors export needs the compressed-tensors package: pip install "mqtool[serve]"'
+_PIP_HINT = 'the compressed-tensors format (vLLM) needs the compressed-tensors package: pip install "mqtool[serve]"'
 
 
 def _require() -> Any:
