@@ -194,6 +194,12 @@ def load_checkpoint(spec: str | Path, revision: str | None = None, token: str | 
     state = _load_weights(path)
     if hf_config is not None:  # the directory's config.json says the layout, whatever the manifest says
         manifest.layout, manifest.hf_config, state = hf_layout.HF, hf_config, hf_layout.state_from_hf(state)
+        qconfig = manifest.hf_config.pop("quantization_config", None)
+        if isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors":
+            from mqtool.quant.ct_export import read_compressed  # a vLLM export: dequantized, evaluable
+
+            state, online = read_compressed(state, qconfig)
+            manifest.online = {**manifest.online, **online}
     tok = path / "tokenizer.json"
     check_finite(state, f"{path}: weight")
     _check_layer_count(path, config, state)

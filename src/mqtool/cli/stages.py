@@ -345,9 +345,13 @@ def export(
     model: Annotated[str, typer.Argument(help="A quantized (simulated) checkpoint.")],
     output: OutOpt,
     force: ForceOpt = False,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="mqtool (codes + scales for mqtool's kernels) or compressed-tensors (Hugging Face "
+        "Mamba2ForCausalLM for vLLM; Mamba-2 only; needs `pip install \"mqtool[serve]\"`).")] = "mqtool",
 ) -> None:
     """Pack quantized weights as integer codes + scales (int8; int4 two to a byte), the form the
-    integer kernels consume. Loading the export gives exactly the simulated model's weights."""
+    integer kernels consume. Loading the export gives exactly the simulated model's weights.
+    With --format compressed-tensors: the checkpoint vLLM serves (see docs/guide.md)."""
     from mqtool.checkpoint import (
         check_output_dir,
         checkpoint_hash,
@@ -367,6 +371,16 @@ def export(
     specs = weight_specs(ckpt.manifest.stages)
     if not specs:
         raise MqtoolError(f"{model} has no quantized weights to export: run `mqtool quantize` first")
+    if fmt == "compressed-tensors":
+        from mqtool.quant.ct_export import write_export
+
+        write_export(output, ckpt.config, ckpt.state_dict, specs, ckpt.manifest.online, ckpt.manifest.hf_config,
+                     ckpt.tokenizer_path, force)
+        err.print(f"export: wrote {output} (compressed-tensors, {len(specs)} quantized linears; "
+                  "serve it with vLLM, see docs/guide.md)")
+        return
+    if fmt != "mqtool":
+        raise MqtoolError(f"unknown export format {fmt!r}; expected mqtool or compressed-tensors")
     state = export_state_dict(ckpt.state_dict, specs)
     manifest = record_stage(ckpt.manifest, "export", {"tensors": len(specs)}, checkpoint_hash(ckpt.path))
     manifest.exported = True
