@@ -8,9 +8,16 @@ odd sequence lengths used in the tests cross chunk boundaries and end mid-chunk.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+
+# Triton decides at import whether its kernels are compiled or interpreted: without a GPU the
+# kernel tests run them interpreted, so set it here, before any test module imports mqtool.kernels
+# (whichever module is collected first must not decide it)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mqtool.models import MambaConfig, MambaLMHeadModel
 
