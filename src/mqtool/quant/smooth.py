@@ -43,8 +43,7 @@ conv's x-channel weights and bias are divided by s and its SiLU becomes S-SiLU w
 sigmoid(s c/s) = SiLU(c)/s``; Mamba-1's x_proj, which reads x too, takes s into its columns. The
 output ``y / s`` is multiplied back by s before the gate (Mamba-1) or the gated norm (Mamba-2, whose
 RMS over channels no weight after it could undo): one multiply per channel, ``online["ssm_smooth"]``.
-MambaQuant writes the absorption as ``addcmul(-ln s, Δ, A)`` inside the scan kernel; the conv's
-S-SiLU gives the same ``x / s`` with the scan left as it is.
+(The ``addcmul(-ln s, Δ, A)`` of MambaQuant's scan belongs to the matmul smoothing below, not to this one.)
 
 The SSM's output matmul (target ``matmul``, smooth-fused only; MambaQuant's "Matmul" smoothing, its
 S4 scales): the scan's states h feed the matmul ``y_t = C_t · h_t`` (per state channel n, ``y[d] =
