@@ -366,3 +366,22 @@ def test_matmul_target_refusals_change_nothing():
         apply_smooth(model, {"matmul_smooth": {}}, calib, method="smooth-fused", targets=["matmul"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_matmul_target_in_a_recipe(family):
+    """A recipe's smooth stage with 'matmul' is calibrated with state statistics (recurrent mode),
+    which the other stages do without; the stage keeps the model's function."""
+    from mqtool.pipeline import STAGES, parse_recipe, run_recipe
+
+    assert STAGES["smooth"].needs_states({"targets": ["out_proj", "matmul"]})
+    assert not STAGES["smooth"].needs_states({"targets": ["out_proj", "ssm"]})
+    assert not STAGES["quantize"].needs_states({"weights": {"bits": 8}})
+    model = make(family)
+    ids = windows(2, 11, seed=7)
+    ref = logits(model, ids)
+    online: dict = {}
+    recipe = parse_recipe({"stages": [{"smooth": {"method": "smooth-fused", "targets": ["matmul"]}}]})
+    records = run_recipe(model, online, recipe, windows())
+    assert records[0]["record"]["targets"]["matmul"]["via"] == "matmul_smooth"
+    assert rel(logits(model, ids), ref) < 1e-5
