@@ -303,3 +303,85 @@ def test_ssm_target_refusals_change_nothing():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert not isinstance(model.mixers[0].conv_act, SSiLU)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("with_ssm", [False, True], ids=["matmul", "matmul+ssm"])
+def test_matmul_smoothing_preserves_model(tmp_path, family, with_ssm):
+    """The 'matmul' target (B / s, C * s per state channel) makes every state h / s and leaves C · h,
+    so the fp32 logits are unchanged in parallel and recurrent mode, the states seen by the matmul
+    are divided by s, and a reloaded checkpoint computes the same."""
+    model = make(family)
+    with torch.no_grad():  # outlier state channels: large B (and so h) in a few of them
+        for mixer in model.mixers:
+            if family == "mamba1":
+                mixer.x_proj.weight[mixer.dt_rank:mixer.dt_rank + 2] *= 8.0
+            else:
+                mixer.conv1d.weight[mixer.d_inner:mixer.d_inner + 2] *= 8.0
+    ids = windows(2, 11, seed=7)
+    ref = {m: logits(model, ids, m) for m in ("parallel", "recurrent")}
+    data = windows()
+    calib = calibrate(model, data, {}, state_samples=4)
+    online: dict = {}
+    targets = ["matmul", "ssm"] if with_ssm else ["matmul"]
+    rec = apply_smooth(model, online, calib, method="smooth-fused", alpha=0.5, targets=targets)
+    json.dumps(rec)
+    entry = rec["targets"]["matmul"]
+    assert "matmul_smooth" in online and entry["via"] == "matmul_smooth"
+    assert entry["s_range"][1] > 1.5 * entry["s_range"][0]  # a real (non-uniform) scale, not a no-op
+    for mode, r in ref.items():
+        err = rel(logits(model, ids, mode), r)
+        assert err < 1e-5, f"{mode}: relative error {err:.2e}"
+    after = calibrate(model, data, {}, state_samples=4)
+    for i, mixer in enumerate(model.mixers):
+        h0 = calib.get(f"backbone.layers.{i}.mixer.state", "absmax").double()
+        h1 = after.get(f"backbone.layers.{i}.mixer.state", "absmax").double()
+        g = getattr(mixer, "ngroups", 1)
+        per_n0 = h0.reshape(g, -1, mixer.d_state).amax(1).reshape(-1)
+        per_n1 = h1.reshape(g, -1, mixer.d_state).amax(1).reshape(-1)
+        assert ratio(per_n1) < 0.5 * ratio(per_n0), f"layer {i}: state outlier ratio not reduced"
+        if with_ssm:  # the SSM-input scale divides the states along d_inner too
+            continue
+        c0 = calib.get(f"backbone.layers.{i}.mixer.ssm_C", "absmax").double()
+        s = smoothing_scale(per_n0, c0, 0.5)
+        assert torch.allclose(per_n1, per_n0 / s, rtol=1e-4), f"layer {i}: states are not h / s"
+    before = {m: logits(model, ids, m) for m in ("parallel", "recurrent")}
+    loaded, ckpt = load_model(save_checkpoint(tmp_path / "s", model.config, model_state_dict(model),
+                                              Manifest(online=online)))
+    assert ckpt.manifest.online["matmul_smooth"] == {}
+    for mode, r in before.items():
+        assert torch.equal(logits(loaded, ids, mode), r), mode
+
+
+def test_matmul_target_refusals_change_nothing():
+    model = make("mamba1")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    no_states = calibrate(model, windows(), {}, state_samples=0)
+    with pytest.raises(MqtoolError, match="state statistics"):
+        apply_smooth(model, {}, no_states, method="smooth-fused", targets=["out_proj", "matmul"])
+    calib = calibrate(model, windows(), {}, state_samples=2)
+    with pytest.raises(MqtoolError, match="smooth-fused only"):
+        apply_smooth(model, {}, calib, method="smoothquant", targets=["matmul"])
+    with pytest.raises(MqtoolError, match="already smoothed"):
+        apply_smooth(model, {"matmul_smooth": {}}, calib, method="smooth-fused", targets=["matmul"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_matmul_target_in_a_recipe(family):
+    """A recipe's smooth stage with 'matmul' is calibrated with state statistics (recurrent mode),
+    which the other stages do without; the stage keeps the model's function."""
+    from mqtool.pipeline import STAGES, parse_recipe, run_recipe
+
+    assert STAGES["smooth"].needs_states({"targets": ["out_proj", "matmul"]})
+    assert not STAGES["smooth"].needs_states({"targets": ["out_proj", "ssm"]})
+    assert not STAGES["quantize"].needs_states({"weights": {"bits": 8}})
+    model = make(family)
+    ids = windows(2, 11, seed=7)
+    ref = logits(model, ids)
+    online: dict = {}
+    recipe = parse_recipe({"stages": [{"smooth": {"method": "smooth-fused", "targets": ["matmul"]}}]})
+    records = run_recipe(model, online, recipe, windows())
+    assert records[0]["record"]["targets"]["matmul"]["via"] == "matmul_smooth"
+    assert rel(logits(model, ids), ref) < 1e-5

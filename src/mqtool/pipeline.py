@@ -56,13 +56,16 @@ class StageDef:
     needs_calib: Callable[[dict], bool]
     needs_windows: bool = False
     help: str = ""
+    # whether its calibration needs recurrent-mode state statistics (slow: a step loop), not only activations
+    needs_states: Callable[[dict], bool] = lambda p: False
 
 
 STAGES: dict[str, StageDef] = {
     "rotate": StageDef(apply_rotate, ("method", "online_targets", "seed"), lambda p: p.get("method") == "klt",
                        help="fold norms, rotate the residual stream offline (hadamard | klt), online Hadamard"),
     "smooth": StageDef(apply_smooth, ("method", "alpha", "targets"), lambda p: True,
-                       help="SmoothQuant or MambaQuant's smooth-fused scales, folded into weights"),
+                       help="SmoothQuant or MambaQuant's smooth-fused scales, folded into weights",
+                       needs_states=lambda p: isinstance(p.get("targets"), (list, tuple)) and "matmul" in p["targets"]),
     "quantize": StageDef(apply_quantize, ("weights", "activations", "targets", "ignore", "ssm_activations"),
                          _needs_calib_quantize, help="fake-quantize linear weights (rtn | gptq) and attach activation "
                          "quantizers (linear inputs; SSM inputs x, B, C with ssm_activations)"),
@@ -73,6 +76,7 @@ STAGES: dict[str, StageDef] = {
                             lambda p: False, needs_windows=True, help="Q-Mamba's ESR block-wise reconstruction"),
 }
 
+STATE_SAMPLES = 8  # windows run in recurrent mode when a stage needs state statistics
 CALIB_KEYS = ("data", "split", "samples", "seqlen", "seed", "max_chars")
 CALIB_DEFAULTS: dict[str, Any] = {"data": "wikitext2", "split": None, "samples": 128, "seqlen": 2048, "seed": 0,
                                   "max_chars": 20_000_000}
@@ -207,9 +211,12 @@ def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: t
         if on_stage:
             on_stage(name, i, len(recipe.stages))
 
-        def calib_now(m: MambaLMHeadModel) -> Calibration:
+        states = STATE_SAMPLES if STAGES[name].needs_states(params) else 0
+
+        def calib_now(m: MambaLMHeadModel, states: int = states) -> Calibration:
             on_gpu = m.backbone.embedding.weight.is_cuda  # big batches: a step loop is launch-bound there
-            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=32 if on_gpu else 4, state_samples=0)
+            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=32 if on_gpu else 4,
+                             state_samples=states)
 
         stage_extra = dict(extra) if STAGES[name].needs_windows else {}
         if name == "reconstruct":  # keep weights quantized earlier in the recipe on their grid

@@ -131,8 +131,9 @@ def smooth(
                                         "norm-absorbed scales before the online Hadamard).")] = "smoothquant",
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Migration strength.")] = 0.5,
     targets: Annotated[str | None, typer.Option(help="Comma-separated linears (default: in_proj, x_proj, "
-                                                "dt_proj, out_proj; also lm_head), and `ssm` for the SSM's "
-                                                "input (smooth-fused only).")] = None,
+                                                "dt_proj, out_proj; also lm_head), `ssm` for the SSM's "
+                                                "input and `matmul` for its output matmul C·h (both "
+                                                "smooth-fused only; matmul needs state statistics).")] = None,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,

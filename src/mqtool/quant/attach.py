@@ -17,6 +17,9 @@ reloaded model computes exactly what the stage's model computed.
   "ssm_smooth":      {} the conv's SiLU becomes S-SiLU (buffer `<mixer>.conv_act.s`) and the SSM's
                      output is multiplied back by the same scale (buffer `<mixer>.ssm_y.s`):
                      smoothing of the SSM's input x (see quant/smooth.py)
+  "matmul_smooth":   {} the SSM's output matmul smoothed (B / s, C * s per state channel); Mamba-1:
+                     all in x_proj's weight, nothing online; Mamba-2: the conv's SiLU becomes S-SiLU
+                     (buffer `<mixer>.conv_act.s`, shared with ssm_smooth)
   "state_quantizer": {"bits": 4, "method": "dsq", "channel_scale": "abs.mean.sqrt"}
 """
 
@@ -103,7 +106,7 @@ def gate_modules(model: MambaLMHeadModel) -> list[tuple[nn.Module, str]]:
 def apply_online(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHeadModel:
     """Attach every online module the manifest names (idempotent on a fresh model)."""
     unknown = set(online) - {"hadamard", "smooth_scale", "act_quant", "ssm_act_quant", "s_silu", "ssm_smooth",
-                             "state_quantizer"}
+                             "matmul_smooth", "state_quantizer"}
     if unknown:
         raise MqtoolError(f"manifest has unknown online transforms {sorted(unknown)}: made by a newer mqtool?")
     device = model.backbone.embedding.weight.device
@@ -129,9 +132,12 @@ def apply_online(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHead
     if "s_silu" in online:
         for (owner, attr), mixer in zip(gate_modules(model), model.mixers, strict=True):
             setattr(owner, attr, SSiLU(mixer.d_inner).to(device))
+    if "ssm_smooth" in online or ("matmul_smooth" in online and not hasattr(model.mixers[0], "x_proj")):
+        for mixer in model.mixers:
+            if not isinstance(mixer.conv_act, SSiLU):
+                mixer.conv_act = SSiLU(mixer.conv1d.out_channels).to(device)
     if "ssm_smooth" in online:
         for mixer in model.mixers:
-            mixer.conv_act = SSiLU(mixer.conv1d.out_channels).to(device)
             mixer.ssm_y = ChannelScale(mixer.d_inner).to(device)
     if "state_quantizer" in online:
         for mixer in model.mixers:

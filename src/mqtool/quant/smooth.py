@@ -43,8 +43,27 @@ conv's x-channel weights and bias are divided by s and its SiLU becomes S-SiLU w
 sigmoid(s c/s) = SiLU(c)/s``; Mamba-1's x_proj, which reads x too, takes s into its columns. The
 output ``y / s`` is multiplied back by s before the gate (Mamba-1) or the gated norm (Mamba-2, whose
 RMS over channels no weight after it could undo): one multiply per channel, ``online["ssm_smooth"]``.
-MambaQuant writes the absorption as ``addcmul(-ln s, Δ, A)`` inside the scan kernel; the conv's
-S-SiLU gives the same ``x / s`` with the scan left as it is.
+(The ``addcmul(-ln s, Δ, A)`` of MambaQuant's scan belongs to the matmul smoothing below, not to this one.)
+
+The SSM's output matmul (target ``matmul``, smooth-fused only; MambaQuant's "Matmul" smoothing, its
+S4 scales): the scan's states h feed the matmul ``y_t = C_t · h_t`` (per state channel n, ``y[d] =
+sum_n h[d, n] C[n]``), and its inputs h and C have outliers along n. SmoothQuant's rule on that
+matmul, h as the activation and C as the weight, gives one scale per state channel,
+``s_n = max|h_n|^alpha / max|C_n|^(1-alpha)`` (Mamba-1: h's abs-max over the d_inner channels;
+Mamba-2: over the heads of a group and their headdim, so one s per (group, n); from the recurrent
+``<mixer>.state.absmax`` statistic, so the calibration needs ``state_samples > 0``). The state is
+linear in B per state channel, ``h_t[:, n] = exp(Δ_t A[:, n]) h_{t-1}[:, n] + Δ_t x_t B_t[n]``, so
+feeding the scan ``B / s`` makes every state exactly ``h / s`` (from h_0 = 0, at every step, in
+parallel, chunked and recurrent mode alike, and in the state cache), and ``C s`` restores ``y = (C s) ·
+(h / s)``: the scale passes through the scan with no extra work in it. Where B and C are made: Mamba-1's
+x_proj rows (B rows / s, C rows * s: a per-row scale, which per-row weight quantization does not
+see); Mamba-2's conv channels, which then pass S-SiLU (B channels: weights and bias / s, buffer s, so
+``SiLU(c) / s``; C channels: * s and buffer 1 / s, so ``SiLU(c) s``). MambaQuant's code adds the
+decay term ``addcmul(-ln s, Δ, A) = ΔA - ln s`` at the *first* step only (``out[:, 0] += ln(1/s)``):
+it turns an initial state given in the unsmoothed units into ``h_0 / s``; from a zero initial state
+it changes nothing, and mqtool's scans always start at zero (decode continues from a cache that is
+already in the smoothed units), so that term is not needed here and is not added. FalconMamba's
+RMS norm over B and C would undo the scale: refused.
 """
 
 from __future__ import annotations
@@ -61,11 +80,12 @@ from mqtool.models import MambaLMHeadModel
 from mqtool.quant import attach
 from mqtool.quant.hadamard import hadamard_matrix
 
-__all__ = ["DEFAULT_TARGETS", "METHODS", "SSM_TARGET", "apply_smooth", "smoothing_scale"]
+__all__ = ["DEFAULT_TARGETS", "MATMUL_TARGET", "METHODS", "SSM_TARGET", "apply_smooth", "smoothing_scale"]
 
 METHODS = ("smoothquant", "smooth-fused")
 DEFAULT_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 SSM_TARGET = "ssm"  # the SSM's input x (not a linear): smooth-fused only
+MATMUL_TARGET = "matmul"  # the SSM's output matmul C · h (B / s, C * s): smooth-fused only
 # out_proj before in_proj (S-SiLU rescales in_proj's gate rows, in_proj's own s then sees them);
 # dt_proj before x_proj (the same for x_proj's dt rows).
 _ORDER = ("out_proj", "dt_proj", "in_proj", "x_proj", "lm_head")
@@ -202,7 +222,8 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
         raise MqtoolError(f"the checkpoint already quantizes activations ({present}): smooth must run before "
                           "activation quantization")
     smooth_ssm = SSM_TARGET in kinds
-    kinds = [k for k in kinds if k != SSM_TARGET]
+    smooth_mm = MATMUL_TARGET in kinds
+    kinds = [k for k in kinds if k not in (SSM_TARGET, MATMUL_TARGET)]
     if smooth_ssm:
         if method != "smooth-fused":
             raise MqtoolError("the SSM input ('ssm' target) is smoothed by smooth-fused only (its scale goes "
@@ -210,6 +231,13 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
         if "ssm_smooth" in online:
             raise MqtoolError("the SSM's input is already smoothed (online ssm_smooth)")
         ssm_acts = _ssm_input_absmax(model, calib)  # validate before changing anything
+    if smooth_mm:
+        if method != "smooth-fused":
+            raise MqtoolError("the SSM's output matmul ('matmul' target) is smoothed by smooth-fused only (its "
+                              "scale goes through the scan: B / s, C * s)")
+        if "matmul_smooth" in online:
+            raise MqtoolError("the SSM's output matmul is already smoothed (online matmul_smooth)")
+        mm_stats = _matmul_absmax(model, calib)  # validate before changing anything
     found = attach.linears(model, kinds) if kinds else {}  # raises on unknown kinds
     for name, lin in found.items():
         if not isinstance(lin.input_quantizer, nn.Identity):
@@ -297,6 +325,8 @@ def apply_smooth(model: MambaLMHeadModel, online: dict, calib: Calibration | Non
     record["untied"] = untied
     if smooth_ssm:  # last: Mamba-1's x_proj takes s into its (possibly just smoothed) weight
         record["targets"][SSM_TARGET] = _smooth_ssm_input(model, online, ssm_acts, alpha)
+    if smooth_mm:  # after the SSM input: both multiply the conv's S-SiLU buffer (Mamba-2)
+        record["targets"][MATMUL_TARGET] = _smooth_matmul(model, online, mm_stats, alpha)
     return record
 
 
@@ -316,14 +346,15 @@ def _ssm_input_absmax(model: MambaLMHeadModel, calib: Calibration) -> list[Tenso
 def _smooth_ssm_input(model: MambaLMHeadModel, online: dict, acts: list[Tensor], alpha: float) -> dict:
     """Divide every mixer's SSM input x by ``s = max|x|^alpha`` (conv weights / s + S-SiLU) and
     multiply its output back (``ssm_y``); Mamba-1's x_proj columns take s. See the module doc."""
-    attach.apply_online(model, {"ssm_smooth": {}})
     online["ssm_smooth"] = {}
     ratios, s_min, s_max = [], float("inf"), 0.0
     for mixer, act in zip(model.mixers, acts, strict=True):
         s = smoothing_scale(act, torch.ones_like(act), alpha)
         d = mixer.d_inner
+        _conv_ssilu(mixer)
+        mixer.ssm_y = attach.ChannelScale(d).to(mixer.conv1d.weight.device)
         _divide_conv_channels(mixer.conv1d, s)                   # x channels come first (Mamba-2: then B, C)
-        mixer.conv_act.s[:d] = s.to(mixer.conv_act.s)
+        mixer.conv_act.s[:d] *= s.to(mixer.conv_act.s)
         mixer.ssm_y.s.copy_(s.to(mixer.ssm_y.s))
         if hasattr(mixer, "x_proj"):                             # Mamba-1: x_proj reads x / s now
             lin = mixer.x_proj
@@ -336,13 +367,73 @@ def _smooth_ssm_input(model: MambaLMHeadModel, online: dict, acts: list[Tensor],
 
 
 @torch.no_grad()
-def _divide_conv_channels(conv: nn.Conv1d, s: Tensor) -> None:
-    """Divide the first ``len(s)`` output channels of a depthwise conv (weight and bias) by s."""
-    n = s.numel()
+def _divide_conv_channels(conv: nn.Conv1d, s: Tensor, start: int = 0) -> None:
+    """Divide output channels ``start : start + len(s)`` of a depthwise conv (weight and bias) by s."""
+    end = start + s.numel()
     w = conv.weight.detach().to(torch.float64).clone()
-    w[:n] /= s.to(w.device)[:, None, None]
+    w[start:end] /= s.to(w.device)[:, None, None]
     _set(conv.weight, w)
     if conv.bias is not None:
         b = conv.bias.detach().to(torch.float64).clone()
-        b[:n] /= s.to(b.device)
+        b[start:end] /= s.to(b.device)
         _set(conv.bias, b)
+
+
+def _conv_ssilu(mixer: nn.Module) -> None:
+    """Make the conv's SiLU an S-SiLU over every conv channel (s = 1), keeping one already there."""
+    if not isinstance(mixer.conv_act, attach.SSiLU):
+        mixer.conv_act = attach.SSiLU(mixer.conv1d.out_channels).to(mixer.conv1d.weight.device)
+
+
+def _matmul_absmax(model: MambaLMHeadModel, calib: Calibration) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (max|h_n|, max|C_n|) per state channel (Mamba-2: per group and state channel,
+    flattened as C's channels are), float64 on the CPU."""
+    out = []
+    for i, mixer in enumerate(model.mixers):
+        prefix = f"backbone.layers.{i}.mixer"
+        if getattr(mixer, "bcdt_rms_eps", None) is not None:
+            raise MqtoolError("FalconMamba: the RMS norm over B and C would undo a matmul smoothing scale")
+        if f"{prefix}.state.absmax" not in calib.stats:
+            raise MqtoolError("the 'matmul' smoothing target needs state statistics: calibrate with "
+                              "--state-samples above 0")
+        h = calib.get(prefix + ".state", "absmax").detach().to(device="cpu", dtype=torch.float64)
+        c = calib.get(prefix + ".ssm_C", "absmax").detach().to(device="cpu", dtype=torch.float64)
+        g = getattr(mixer, "ngroups", 1)
+        n = mixer.d_state
+        if c.numel() != g * n or h.shape[-1] != n or h.numel() % (g * n):
+            raise MqtoolError(f"calibration for layer {i}'s states / C does not match the model (d_state {n}): "
+                              "was it made with this model (as it is now)?")
+        # Mamba-1 h [d_inner, n]; Mamba-2 [heads, headdim, n], heads grouped as B and C are
+        h_n = h.reshape(g, -1, n).amax(1).reshape(-1)
+        out.append((h_n, c))
+    return out
+
+
+@torch.no_grad()
+def _smooth_matmul(model: MambaLMHeadModel, online: dict, stats: list[tuple[Tensor, Tensor]],
+                   alpha: float) -> dict:
+    """B / s and C * s per state channel, ``s = max|h|^alpha / max|C|^(1-alpha)``: every state becomes
+    h / s and ``y = C · h`` is unchanged. See the module doc."""
+    attach.apply_online(model, {"matmul_smooth": {}})
+    online["matmul_smooth"] = {}
+    h_ratios, c_ratios, s_min, s_max = [], [], float("inf"), 0.0
+    mamba1 = hasattr(model.mixers[0], "x_proj")
+    for mixer, (h, c) in zip(model.mixers, stats, strict=True):
+        s = smoothing_scale(h, c, alpha)
+        gn = s.numel()
+        if mamba1:  # x_proj rows: [dt | B | C]
+            _divide_rows(mixer.x_proj, mixer.dt_rank, s)
+            _divide_rows(mixer.x_proj, mixer.dt_rank + gn, 1.0 / s)
+        else:  # conv channels: [x | B | C]; S-SiLU with s (B) and 1/s (C) keeps SiLU(c) / s and SiLU(c) s
+            d = mixer.d_inner
+            _divide_conv_channels(mixer.conv1d, s, d)
+            _divide_conv_channels(mixer.conv1d, 1.0 / s, d + gn)
+            mixer.conv_act.s[d:d + gn] *= s.to(mixer.conv_act.s)
+            mixer.conv_act.s[d + gn:d + 2 * gn] /= s.to(mixer.conv_act.s)
+        h_ratios.append([round(_outlier_ratio(h), 4), round(_outlier_ratio(h / s), 4)])
+        c_ratios.append([round(_outlier_ratio(c), 4), round(_outlier_ratio(c * s), 4)])
+        s_min, s_max = min(s_min, float(s.min())), max(s_max, float(s.max()))
+    into = (["<mixer>.x_proj.weight[B rows]", "<mixer>.x_proj.weight[C rows]"] if mamba1 else
+            ["<mixer>.conv1d.weight[B, C channels]", "<mixer>.conv1d.bias[B, C channels]", "<mixer>.conv_act.s"])
+    return {"via": "matmul_smooth", "into": into, "state_outlier_ratio": h_ratios, "C_outlier_ratio": c_ratios,
+            "s_range": [s_min, s_max]}
