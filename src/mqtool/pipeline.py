@@ -56,6 +56,7 @@ class StageDef:
     needs_calib: Callable[[dict], bool]
     needs_windows: bool = False
     help: str = ""
+    uses_calib: bool = False  # takes a calibration when one is given, works without (quantize-states auto)
 
 
 STAGES: dict[str, StageDef] = {
@@ -66,8 +67,10 @@ STAGES: dict[str, StageDef] = {
     "quantize": StageDef(apply_quantize, ("weights", "activations", "targets", "ignore", "ssm_activations"),
                          _needs_calib_quantize, help="fake-quantize linear weights (rtn | gptq) and attach activation "
                          "quantizers (linear inputs; SSM inputs x, B, C with ssm_activations)"),
-    "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale"), lambda p: False,
-                                help="quantize the recurrent state cache (dsq | per-channel | per-state | per-tensor)"),
+    "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale", "bits_budget"),
+                                lambda p: p.get("bits_budget") is not None, uses_calib=True,
+                                help="quantize the recurrent state cache (auto | dsq | per-channel | per-state | "
+                                "per-tensor)"),
     "reconstruct": StageDef(apply_reconstruct,
                             ("epochs", "lr", "train", "batch_size", "seed", "holdout", "restore_worse"),
                             lambda p: False, needs_windows=True, help="Q-Mamba's ESR block-wise reconstruction"),
@@ -178,6 +181,8 @@ def run_stage(model: MambaLMHeadModel, online: dict, name: str, params: dict[str
         if calib is None:
             raise MqtoolError(f"stage {name} with these parameters needs calibration statistics (--calib)")
         c = calib(model) if callable(calib) else calib
+    elif stage.uses_calib and isinstance(calib, Calibration):  # given, not made: making one costs a run
+        c = calib
     kwargs = dict(params)
     if stage.needs_windows:
         if windows is None:
@@ -207,9 +212,11 @@ def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: t
         if on_stage:
             on_stage(name, i, len(recipe.stages))
 
-        def calib_now(m: MambaLMHeadModel) -> Calibration:
+        def calib_now(m: MambaLMHeadModel, name: str = name) -> Calibration:
             on_gpu = m.backbone.embedding.weight.is_cuda  # big batches: a step loop is launch-bound there
-            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=32 if on_gpu else 4, state_samples=0)
+            # state samples only for the stage that reads them (a recurrent run costs a step loop)
+            return calibrate(m, windows, {"recipe": recipe.name}, batch_size=32 if on_gpu else 4,
+                             state_samples=8 if name == "quantize-states" else 0)
 
         stage_extra = dict(extra) if STAGES[name].needs_windows else {}
         if name == "reconstruct":  # keep weights quantized earlier in the recipe on their grid
