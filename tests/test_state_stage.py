@@ -303,3 +303,14 @@ def test_cli_quantize_states_auto_from_calibration(tmp_path, capsys) -> None:
     assert run_cli(capsys, "calibrate", str(fp), "-o", str(c0), *calib, "--state-samples", "0")[0] == 0
     code, _, err = run_cli(capsys, "quantize-states", str(fp), "--calib", str(c0), "-o", str(tmp_path / "x"))
     assert code == 2 and "re-run `mqtool calibrate`" in err and len(err.strip().splitlines()) == 1
+
+
+def test_recipe_auto_calibrates_state_samples_for_the_stage(model_factory, config_factory) -> None:
+    from mqtool.pipeline import parse_recipe, run_recipe
+
+    model = model_factory(config_factory("mamba2"))
+    recipe = parse_recipe({"stages": [{"quantize-states": {"bits": 4, "method": "auto"}}]}, "t")
+    online: dict = {}
+    (rec,) = run_recipe(model, online, recipe, _ids(2, 16))
+    assert rec["record"]["method"].startswith("auto -> per layer from calibration")
+    assert len(rec["record"]["layers"]) == 2 and "state_quantizer" in online

@@ -56,7 +56,8 @@ class StageDef:
     needs_calib: Callable[[dict], bool]
     needs_windows: bool = False
     help: str = ""
-    uses_calib: bool = False  # takes a calibration when one is given, works without (quantize-states auto)
+    # takes a calibration when there is one (given, or a recipe's to make), works without: quantize-states auto
+    uses_calib: Callable[[dict], bool] = lambda p: False
 
 
 STAGES: dict[str, StageDef] = {
@@ -68,7 +69,8 @@ STAGES: dict[str, StageDef] = {
                          _needs_calib_quantize, help="fake-quantize linear weights (rtn | gptq) and attach activation "
                          "quantizers (linear inputs; SSM inputs x, B, C with ssm_activations)"),
     "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale", "bits_budget"),
-                                lambda p: p.get("bits_budget") is not None, uses_calib=True,
+                                lambda p: p.get("bits_budget") is not None,
+                                uses_calib=lambda p: p.get("method", "dsq") == "auto",
                                 help="quantize the recurrent state cache (auto | dsq | per-channel | per-state | "
                                 "per-tensor)"),
     "reconstruct": StageDef(apply_reconstruct,
@@ -181,8 +183,8 @@ def run_stage(model: MambaLMHeadModel, online: dict, name: str, params: dict[str
         if calib is None:
             raise MqtoolError(f"stage {name} with these parameters needs calibration statistics (--calib)")
         c = calib(model) if callable(calib) else calib
-    elif stage.uses_calib and isinstance(calib, Calibration):  # given, not made: making one costs a run
-        c = calib
+    elif stage.uses_calib(params) and calib is not None:
+        c = calib(model) if callable(calib) else calib
     kwargs = dict(params)
     if stage.needs_windows:
         if windows is None:
