@@ -208,15 +208,13 @@ def test_auto_with_calibration_picks_the_smallest_error_per_layer(model_factory,
     for i, spec in enumerate(specs):  # the chosen one is the argmin over every candidate
         h = calib.stats[f"backbone.layers.{i}.mixer.state.samples"]
         r = calib.stats[f"backbone.layers.{i}.mixer.state.readout"]
-        errs = {tuple(c.values()): readout_error(h, r, c) for c in candidates(4)}
-        assert len(errs) == 7
+        errs = {tuple(c.values()): readout_error(h, r, c) for c in candidates(4, ("abs.max",))}
+        assert len(errs) == 4  # per-tensor, per-channel, per-state, dsq abs.max
         assert errs[tuple(spec.values())] == min(errs.values())
         assert rec["layers"][i]["readout_error"] == min(errs.values())
     # clearly, not by a tie: per-channel is lossless on layer 0 and DSQ errs there; layer 1 the reverse
     assert rec["layers"][0]["readout_error"] < 1e-10  # lossless up to fp32 rounding
-    from mqtool.quant.states import CHANNEL_SCALES
-
-    assert min(rec["layers"][0]["candidates"][f"dsq {s}"] for s in CHANNEL_SCALES) > 1e-6
+    assert rec["layers"][0]["candidates"]["dsq abs.max"] > 1e-6
     assert rec["layers"][1]["readout_error"] < 0.5 * rec["layers"][1]["candidates"]["per-channel"]
     assert rec["method"].startswith("auto -> per layer from calibration: per-channel x1, dsq ")
 
