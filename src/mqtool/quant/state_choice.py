@@ -2,7 +2,8 @@
 
 For every layer, each candidate — a method of :data:`~mqtool.quant.states.METHODS` (DSQ once per
 channel scale of :data:`~mqtool.quant.states.CHANNEL_SCALES`) at the requested bits — fake-quantizes
-that layer's sampled calibration states, and the candidate with the smallest error is kept.
+that layer's sampled calibration states, and the candidate with the smallest error is kept. (The
+stage passes only DSQ abs.max by default: see ``state_stage.AUTO_CHANNEL_SCALES`` for why.)
 
 The error is the relative squared error of the *readout*, ``sum (C·(Q(h) - h))^2 / sum (C·h)^2``,
 with ``C`` the SSM's C of the step after the sampled state: the quantized state is only ever used
