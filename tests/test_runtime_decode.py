@@ -179,3 +179,37 @@ def test_cli_bench_sweeps_plots_and_reports_cache_bytes(tmp_path, capsys):
         assert im.size[0] > 500 and im.size[1] > 200
     code, _, err = run_cli(capsys, "bench", str(fp), "--batch", "1,x", "--device", "cpu")
     assert code != 0 and "--batch" in err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_logits_equal_simulated_recurrent_with_mixed_state_formats(family):
+    """One state quantizer a layer (`quantize-states --method auto`): each layer's cache in its own
+    stored form (packed int4 per-channel codes, int8 DSQ codes), and the logits still equal the
+    simulated recurrent model's."""
+    from mqtool.runtime.cache import MixedStateFormat
+
+    torch.manual_seed(0)
+    model = _model(family, None)
+    model.mixers[0].state_quantizer = StateQuantizer(4, "per-channel")
+    model.mixers[1].state_quantizer = StateQuantizer(8, "dsq", "abs.max")
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    with torch.inference_mode():
+        sim = model(ids, mode="recurrent")
+        rt = Runtime(model)
+        got = rt(ids)
+    assert isinstance(rt.fmt, MixedStateFormat) and rt.fmt.quantized
+    assert rt.fmt.describe() == "H4/8 mixed (H4 per-channel x1, H8 dsq abs.max x1)"
+    cache = rt.allocate_cache(3)
+    assert cache[0].state.dtype == torch.uint8 and cache[1].state.dtype == torch.int8  # packed int4, int8
+    torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
+    # every layer alike is one plain format, as before
+    model.mixers[0].state_quantizer = StateQuantizer(8, "dsq", "abs.max")
+    assert Runtime(model).fmt == StateFormat(8, torch.float32, "dsq", "abs.max")
+
+
+def test_mixed_state_format_describe_counts_layers():
+    from mqtool.runtime.cache import MixedStateFormat
+
+    fmt = MixedStateFormat((StateFormat(4, method="dsq", channel_scale="abs.max"),) * 3
+                           + (StateFormat(4, method="per-channel"),))
+    assert fmt.describe() == "H4 mixed (dsq abs.max x3, per-channel x1)"

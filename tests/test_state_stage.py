@@ -135,14 +135,15 @@ def test_save_reload_keeps_quantizer(tiny_model, tiny_config, tmp_path) -> None:
 
 @pytest.mark.parametrize("fam,scale", [("mamba1", "abs.max"), ("mamba2", "abs.max")])
 def test_auto_method_picks_by_family(model_factory, config_factory, fam, scale) -> None:
-    """`auto` is what measured best at 4 bits on each family's reference model (docs/results.md);
-    an explicit channel scale still wins."""
+    """`auto` without a calibration is what measured best at 4 bits on each family's reference model
+    (docs/results.md); an explicit channel scale still wins."""
     model = model_factory(config_factory(fam))
     online: dict = {}
     rec = apply_quantize_states(model, online, bits=4, method="auto")
     assert online["state_quantizer"] == {"bits": 4, "method": "dsq", "channel_scale": scale}
     assert all(m.state_quantizer.channel_scale == scale for m in model.mixers)
-    assert rec["method"] == f"auto -> dsq ({scale}) for {model.config.layer}"
+    assert rec["method"] == (f"auto -> dsq ({scale}) for {model.config.layer} "
+                             "(no calibration: pass --calib to choose per layer)")
     apply_quantize_states(model, online, bits=4, method="auto", channel_scale="abs.mean")
     assert online["state_quantizer"]["channel_scale"] == "abs.mean"
 
@@ -158,3 +159,156 @@ def test_dsq_abs_max_is_never_coarser_than_per_channel() -> None:
     c2, s2 = state_scales(h, 4, "per-channel")
     assert ((c1 * s1) <= (c2 * s2) * (1 + 1e-6)).all()
     assert ((c1 * s1) < 0.9 * (c2 * s2)).any()
+
+
+# --- method="auto" with a calibration: per layer, the smallest readout error ------------------------
+
+def _lossless_per_channel(k: int, p: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """States that 4-bit per-channel stores exactly (every entry a multiple of its row's max / 7, and
+    every row reaches its max) while state 0 never reaches a row max, so DSQ gives state 0 a finer
+    step that does not fit its values (multiples of a_i / 7 with a largest of 3 / 7): DSQ errs."""
+    codes = torch.randint(-7, 8, (k, p, n), generator=g)
+    codes[..., 1] = 7 * torch.where(torch.rand(k, p, generator=g) < 0.5, -1, 1)
+    codes[..., 0] = torch.randint(1, 4, (k, p), generator=g) * torch.where(torch.rand(k, p, generator=g) < 0.5, -1, 1)
+    codes[:, 0, 0] = 3
+    rows = torch.logspace(-2, 1, p)[:, None]  # row ranges far apart: per-tensor errs too
+    return codes.float() / 7 * rows
+
+
+def _outlier_states(k: int, p: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """h_ij = r_i c_j g_ij with outlier states j (x20): DSQ's outer-product scale fits, per-channel
+    spends its range on the outlier states, per-state on the large channels."""
+    c = torch.ones(n)
+    c[[1, 5]] = 20.0
+    return torch.randn(k, p, n, generator=g) * torch.logspace(-1, 1, p)[:, None] * c
+
+
+def _synthetic_calibration(model, g: torch.Generator):
+    from mqtool.calibrate import Calibration
+
+    (p, n) = model.mixers[0].allocate_cache(1)[1].shape[1:]
+    stats = {}
+    for i, make in enumerate((_lossless_per_channel, _outlier_states)):
+        stats[f"backbone.layers.{i}.mixer.state.samples"] = make(6, p, n, g)
+        stats[f"backbone.layers.{i}.mixer.state.readout"] = torch.rand(6, 1, n, generator=g) + 0.5
+    return Calibration(stats, {})
+
+
+def test_auto_with_calibration_picks_the_smallest_error_per_layer(model_factory, config_factory) -> None:
+    from mqtool.quant.state_choice import candidates, readout_error
+
+    model = model_factory(config_factory("mamba1"))
+    calib = _synthetic_calibration(model, torch.Generator().manual_seed(0))
+    online: dict = {}
+    rec = apply_quantize_states(model, online, calib, bits=4, method="auto")
+    specs = online["state_quantizer"]["per_layer"]
+    assert specs[0] == {"bits": 4, "method": "per-channel", "channel_scale": "abs.mean.sqrt"}
+    assert specs[1]["method"] == "dsq" and specs[1]["bits"] == 4
+    assert [m.state_quantizer.to_dict() for m in model.mixers] == specs
+    for i, spec in enumerate(specs):  # the chosen one is the argmin over every candidate
+        h = calib.stats[f"backbone.layers.{i}.mixer.state.samples"]
+        r = calib.stats[f"backbone.layers.{i}.mixer.state.readout"]
+        errs = {tuple(c.values()): readout_error(h, r, c) for c in candidates(4, ("abs.max",))}
+        assert len(errs) == 4  # per-tensor, per-channel, per-state, dsq abs.max
+        assert errs[tuple(spec.values())] == min(errs.values())
+        assert rec["layers"][i]["readout_error"] == min(errs.values())
+    # clearly, not by a tie: per-channel is lossless on layer 0 and DSQ errs there; layer 1 the reverse
+    assert rec["layers"][0]["readout_error"] < 1e-10  # lossless up to fp32 rounding
+    assert rec["layers"][0]["candidates"]["dsq abs.max"] > 1e-6
+    assert rec["layers"][1]["readout_error"] < 0.5 * rec["layers"][1]["candidates"]["per-channel"]
+    assert rec["method"].startswith("auto -> per layer from calibration: per-channel x1, dsq ")
+
+
+def test_auto_bits_budget_raises_the_layer_that_gains(model_factory, config_factory) -> None:
+    model = model_factory(config_factory("mamba1"))
+    calib = _synthetic_calibration(model, torch.Generator().manual_seed(0))
+    online: dict = {}
+    rec = apply_quantize_states(model, online, calib, bits=4, method="auto", bits_budget=6.0)
+    specs = online["state_quantizer"]["per_layer"]
+    # layer 0 is lossless at 4 bits: every spare bit goes to layer 1, first to 6 then to 8
+    assert [s["bits"] for s in specs] == [4, 8] and rec["average_bits"] == 6.0
+    with pytest.raises(MqtoolError, match="bits budget"):
+        apply_quantize_states(model, {}, calib, bits=4, method="auto", bits_budget=3.5)
+    with pytest.raises(MqtoolError, match="--method auto"):
+        apply_quantize_states(model, {}, calib, bits=4, method="dsq", bits_budget=5.0)
+
+
+def test_auto_refuses_a_calibration_without_sampled_states(model_factory, config_factory) -> None:
+    from mqtool.calibrate import Calibration
+
+    model = model_factory(config_factory("mamba2"))
+    old = Calibration({"backbone.layers.0.mixer.state.absmax": torch.ones(4, 16, 8)}, {})
+    online: dict = {}
+    with pytest.raises(MqtoolError, match="re-run `mqtool calibrate`"):
+        apply_quantize_states(model, online, old, bits=4, method="auto")
+    assert online == {} and all(isinstance(m.state_quantizer, nn.Identity) for m in model.mixers)
+
+
+def test_per_layer_manifest_entry_reloads(model_factory, config_factory, tmp_path) -> None:
+    from mqtool.quant.attach import apply_online
+
+    config = config_factory("mamba2")
+    model = model_factory(config)
+    specs = [{"bits": 4, "method": "per-channel", "channel_scale": "abs.mean.sqrt"},
+             {"bits": 8, "method": "dsq", "channel_scale": "abs.max"}]
+    online = {"state_quantizer": {"per_layer": specs}}
+    apply_online(model, online)
+    save_checkpoint(tmp_path / "q", config, model_state_dict(model), Manifest(online=online))
+    loaded, _ = load_model(tmp_path / "q")
+    assert [m.state_quantizer.to_dict() for m in loaded.mixers] == specs
+    ids = _ids(1, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mode="recurrent"), model(ids, mode="recurrent"))
+    with pytest.raises(MqtoolError, match="per_layer"):
+        apply_online(model_factory(config), {"state_quantizer": {"per_layer": specs[:1]}})
+
+
+def test_calibration_keeps_sampled_states_and_their_readout(model_factory, config_factory) -> None:
+    from mqtool.calibrate import calibrate
+
+    model = model_factory(config_factory("mamba2_g2"))
+    calib = calibrate(model, _ids(4, 24), {}, state_samples=2)
+    h = calib.stats["backbone.layers.0.mixer.state.samples"]
+    r = calib.stats["backbone.layers.0.mixer.state.readout"]
+    assert h.shape == (16, 4, 16, 8) and r.shape == (16, 4, 1, 8)  # 8 steps x 2 windows; heads, P, N
+    # the readout is the next step's C, heads 0-1 reading group 0 and heads 2-3 group 1
+    assert torch.equal(r[:, 0], r[:, 1]) and not torch.equal(r[:, 1], r[:, 2])
+    assert calibrate(model, _ids(4, 24), {}, state_samples=0).stats.get(
+        "backbone.layers.0.mixer.state.samples") is None
+
+
+def test_cli_quantize_states_auto_from_calibration(tmp_path, capsys) -> None:
+    import json
+
+    from helpers import run_cli
+
+    fp, c, c0, h = "demo", tmp_path / "c", tmp_path / "c0", tmp_path / "h"
+    calib = ["--data", "demo", "--samples", "2", "--seqlen", "32"]
+    assert run_cli(capsys, "calibrate", str(fp), "-o", str(c), *calib, "--state-samples", "2")[0] == 0
+    code, _, err = run_cli(capsys, "quantize-states", str(fp), "--method", "auto", "--calib", str(c),
+                           "--bits-budget", "5", "-o", str(h))
+    assert code == 0, err
+    manifest = json.loads((h / "mqtool.json").read_text())
+    entry = manifest["online"]["state_quantizer"]
+    specs = entry["per_layer"] if "per_layer" in entry else [entry] * 4
+    record = manifest["stages"][-1]["params"]["record"]
+    assert [{k: lay[k] for k in ("bits", "method", "channel_scale")} for lay in record["layers"]] == specs
+    assert record["average_bits"] <= 5
+    code, out, err = run_cli(capsys, "eval", str(h), "--tasks", "demo", "--seqlen", "32", "--max-windows", "1",
+                             "--json")
+    assert code == 0 and json.loads(out)["results"]["demo"]["mode"] == "recurrent", err
+    # a calibration without sampled states: one line asking for a new one
+    assert run_cli(capsys, "calibrate", str(fp), "-o", str(c0), *calib, "--state-samples", "0")[0] == 0
+    code, _, err = run_cli(capsys, "quantize-states", str(fp), "--calib", str(c0), "-o", str(tmp_path / "x"))
+    assert code == 2 and "re-run `mqtool calibrate`" in err and len(err.strip().splitlines()) == 1
+
+
+def test_recipe_auto_calibrates_state_samples_for_the_stage(model_factory, config_factory) -> None:
+    from mqtool.pipeline import parse_recipe, run_recipe
+
+    model = model_factory(config_factory("mamba2"))
+    recipe = parse_recipe({"stages": [{"quantize-states": {"bits": 4, "method": "auto"}}]}, "t")
+    online: dict = {}
+    (rec,) = run_recipe(model, online, recipe, _ids(2, 16))
+    assert rec["record"]["method"].startswith("auto -> per layer from calibration")
+    assert len(rec["record"]["layers"]) == 2 and "state_quantizer" in online

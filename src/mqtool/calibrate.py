@@ -5,6 +5,12 @@ count, and the full second-moment matrix sum(x^T x) (from which the centred cova
 KLT needs follows). For the SSM's inputs (x, B, C, Δ) and the gate: per-channel abs-max and sum
 of squares. For the recurrent state: per (channel, state) abs-max and mean |h| over every step
 of `state_samples` windows run in recurrent mode. Memory does not grow with the number of samples.
+For the state quantizer's per-layer choice (`quantize-states --method auto`) also a few sampled
+states `state.samples [k, ...]` (about `STATE_KEEP` of them, at evenly spaced steps; for Mamba-2 a
+subset of heads when a layer's samples would exceed `STATE_KEEP_ELEMENTS`: every head is quantized
+on its own, so a head subset is an exact sample of the problem) and the readout `state.readout
+[k, ..., 1, N]`: C of the step *after* the sampled one, the vector the next output multiplies that
+state with. Calibrations made before these existed lack them (and `--method auto` asks for a new one).
 
 Names: `<module path>.<statistic>`, e.g. `backbone.layers.0.mixer.in_proj.xtx` (observed after
 the linear's online `input_transform`, i.e. what its quantizer sees) and
@@ -30,6 +36,9 @@ from mqtool.models.layers import Linear
 
 STATS_FILE = "stats.safetensors"
 META_FILE = "calib.json"
+#: sampled states kept per layer (across the state windows), and at most this many values a layer
+STATE_KEEP = 16
+STATE_KEEP_ELEMENTS = 2**20
 
 
 class _Accumulator:
@@ -152,24 +161,80 @@ def collect(model: MambaLMHeadModel, windows: torch.Tensor, batch_size: int = 4,
     return stats
 
 
+def _sample_steps(seqlen: int, batch: int) -> list[int]:
+    """Evenly spaced steps (after the first quarter, where the state has filled up) whose states are
+    kept, enough of them for about STATE_KEEP states over the batch; the last step is excluded
+    because the readout is the next step's C."""
+    if seqlen < 2:
+        return []
+    n = max(1, -(-STATE_KEEP // batch))
+    steps = torch.linspace(seqlen // 4, seqlen - 2, n).round().long().unique()
+    return [int(t) for t in steps]
+
+
+def _head_subset(state_shape: tuple[int, ...], k: int) -> torch.Tensor | None:
+    """Mamba-2 heads kept ([b, H, P, N] states) so that k samples stay within STATE_KEEP_ELEMENTS;
+    None = all (and always for Mamba-1, whose per-state scales span every channel)."""
+    if len(state_shape) != 4:
+        return None
+    heads, per_head = state_shape[1], state_shape[2] * state_shape[3]
+    keep = max(1, min(heads, STATE_KEEP_ELEMENTS // max(1, k * per_head)))
+    return None if keep == heads else torch.linspace(0, heads - 1, keep).round().long().unique()
+
+
+def _readout(C: torch.Tensor, state_shape: tuple[int, ...]) -> torch.Tensor:
+    """The ssm_C tap's input [b, g*N] (Mamba-2) or [b, N] (Mamba-1) as [b, ..., 1, N] over the state."""
+    b, n = C.shape[0], state_shape[-1]
+    if len(state_shape) == 4:  # Mamba-2: head h reads group h // (H / g)
+        C = C.reshape(b, -1, n).float()
+        C = C.repeat_interleave(state_shape[1] // C.shape[1], dim=1)
+        return C.unsqueeze(-2)
+    return C.reshape(b, 1, n).float()
+
+
 def _state_stats(model, windows, on_batch) -> dict[str, torch.Tensor]:
     cache = model.allocate_cache(windows.shape[0])
     n_layers = len(model.mixers)
     absmax = [torch.zeros_like(cache[i][1][0]) for i in range(n_layers)]
     abssum = [torch.zeros_like(cache[i][1][0], dtype=torch.float64) for i in range(n_layers)]
-    for t in range(windows.shape[1]):
-        model.step(windows[:, t], cache)
-        for i in range(n_layers):
-            h = cache[i][1].abs()
-            torch.maximum(absmax[i], h.amax(0), out=absmax[i])
-            abssum[i] += h.sum(0).double()
-        if on_batch and (t + 1) % 64 == 0:
-            on_batch("states", 64)
+    keep_at = _sample_steps(windows.shape[1], windows.shape[0])
+    k = len(keep_at) * windows.shape[0]
+    heads = [_head_subset(tuple(cache[i][1].shape), k) for i in range(n_layers)]
+    last_C: list[torch.Tensor | None] = [None] * n_layers
+    pending: list[torch.Tensor | None] = [None] * n_layers
+    samples: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    readouts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    handles = [mixer.ssm_C.register_forward_hook(lambda m, inp, out, i=i: last_C.__setitem__(i, inp[0].detach()))
+               for i, mixer in enumerate(model.mixers)]
+    try:
+        for t in range(windows.shape[1]):
+            model.step(windows[:, t], cache)
+            for i in range(n_layers):
+                h = cache[i][1].abs()
+                torch.maximum(absmax[i], h.amax(0), out=absmax[i])
+                abssum[i] += h.sum(0).double()
+                shape = tuple(cache[i][1].shape)
+                if pending[i] is not None:  # the state kept last step, read out by this step's C
+                    r = _readout(last_C[i], shape)
+                    samples[i].append(pending[i])
+                    readouts[i].append(r if heads[i] is None else r[:, heads[i]])
+                    pending[i] = None
+                if t in keep_at:
+                    h = cache[i][1].float()
+                    pending[i] = (h if heads[i] is None else h[:, heads[i]]).clone()
+            if on_batch and (t + 1) % 64 == 0:
+                on_batch("states", 64)
+    finally:
+        for handle in handles:
+            handle.remove()
     steps = windows.shape[0] * windows.shape[1]
     out = {}
     for i in range(n_layers):
         out[f"backbone.layers.{i}.mixer.state.absmax"] = absmax[i]
         out[f"backbone.layers.{i}.mixer.state.absmean"] = (abssum[i] / steps).float()
+        if samples[i]:
+            out[f"backbone.layers.{i}.mixer.state.samples"] = torch.cat(samples[i])
+            out[f"backbone.layers.{i}.mixer.state.readout"] = torch.cat(readouts[i])
     return out
 
 

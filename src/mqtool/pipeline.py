@@ -58,6 +58,8 @@ class StageDef:
     help: str = ""
     # whether its calibration needs recurrent-mode state statistics (slow: a step loop), not only activations
     needs_states: Callable[[dict], bool] = lambda p: False
+    # takes a calibration when there is one (given, or a recipe's to make), works without: quantize-states auto
+    uses_calib: Callable[[dict], bool] = lambda p: False
 
 
 STAGES: dict[str, StageDef] = {
@@ -69,8 +71,11 @@ STAGES: dict[str, StageDef] = {
     "quantize": StageDef(apply_quantize, ("weights", "activations", "targets", "ignore", "ssm_activations"),
                          _needs_calib_quantize, help="fake-quantize linear weights (rtn | gptq) and attach activation "
                          "quantizers (linear inputs; SSM inputs x, B, C with ssm_activations)"),
-    "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale"), lambda p: False,
-                                help="quantize the recurrent state cache (dsq | per-channel | per-state | per-tensor)"),
+    "quantize-states": StageDef(apply_quantize_states, ("bits", "method", "channel_scale", "bits_budget"),
+                                lambda p: p.get("bits_budget") is not None,
+                                uses_calib=lambda p: p.get("method", "dsq") == "auto",
+                                help="quantize the recurrent state cache (auto | dsq | per-channel | per-state | "
+                                "per-tensor)"),
     "reconstruct": StageDef(apply_reconstruct,
                             ("epochs", "lr", "train", "batch_size", "seed", "holdout", "restore_worse"),
                             lambda p: False, needs_windows=True, help="Q-Mamba's ESR block-wise reconstruction"),
@@ -182,6 +187,8 @@ def run_stage(model: MambaLMHeadModel, online: dict, name: str, params: dict[str
         if calib is None:
             raise MqtoolError(f"stage {name} with these parameters needs calibration statistics (--calib)")
         c = calib(model) if callable(calib) else calib
+    elif stage.uses_calib(params) and calib is not None:
+        c = calib(model) if callable(calib) else calib
     kwargs = dict(params)
     if stage.needs_windows:
         if windows is None:
@@ -211,7 +218,8 @@ def run_recipe(model: MambaLMHeadModel, online: dict, recipe: Recipe, windows: t
         if on_stage:
             on_stage(name, i, len(recipe.stages))
 
-        states = STATE_SAMPLES if STAGES[name].needs_states(params) else 0
+        # state samples only for a stage that reads them (a recurrent run costs a step loop)
+        states = STATE_SAMPLES if STAGES[name].needs_states(params) or STAGES[name].uses_calib(params) else 0
 
         def calib_now(m: MambaLMHeadModel, states: int = states) -> Calibration:
             on_gpu = m.backbone.embedding.weight.is_cuda  # big batches: a step loop is launch-bound there

@@ -149,18 +149,25 @@ def quantize_states(
     model: Annotated[str, typer.Argument(help="Input checkpoint.")],
     output: OutOpt,
     bits: Annotated[int, typer.Option(help="State bits: 8, 6, 4 (16 = off).")] = 4,
-    method: Annotated[str, typer.Option(help="auto (what measured best at 4 bits on both families: DSQ with the "
-                                        "abs.max channel scale), dsq (Q-Mamba), per-channel, per-state, "
-                                        "per-tensor.")] = "auto",
+    method: Annotated[str, typer.Option(help="auto (with --calib: per layer, the method with the smallest "
+                                        "error on the calibration states; without: DSQ with the abs.max channel "
+                                        "scale, what measured best at 4 bits on both families), dsq (Q-Mamba), "
+                                        "per-channel, per-state, per-tensor.")] = "auto",
     channel_scale: Annotated[str | None, typer.Option(help="DSQ channel scale: abs.mean.sqrt (paper; the default "
                                                       "for --method dsq), abs.mean, abs.max, abs.max.sqrt.")] = None,
+    calib: CalibOpt = None,
+    bits_budget: Annotated[float | None, typer.Option(help="With --method auto and --calib: average state bits "
+                                                      "over the layers (e.g. 4.5); the layers that gain most "
+                                                      "get 6 or 8 bits.")] = None,
     dtype: DTypeOpt = DType.float32,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
     """Quantize the recurrent state cache (applied at every step; `mqtool eval` then runs recurrent)."""
-    _stage_command(model, output, "quantize-states", {"bits": bits, "method": method,
-                                                      "channel_scale": channel_scale}, None, force, dtype, device)
+    params = {"bits": bits, "method": method, "channel_scale": channel_scale}
+    if bits_budget is not None:
+        params["bits_budget"] = bits_budget
+    _stage_command(model, output, "quantize-states", params, calib, force, dtype, device)
 
 
 def _calib_windows(net, ckpt, data: str, split: str | None, samples: int, seqlen: int, seed: int,

@@ -20,7 +20,8 @@ reloaded model computes exactly what the stage's model computed.
   "matmul_smooth":   {} the SSM's output matmul smoothed (B / s, C * s per state channel); Mamba-1:
                      all in x_proj's weight, nothing online; Mamba-2: the conv's SiLU becomes S-SiLU
                      (buffer `<mixer>.conv_act.s`, shared with ssm_smooth)
-  "state_quantizer": {"bits": 4, "method": "dsq", "channel_scale": "abs.mean.sqrt"}
+  "state_quantizer": {"bits": 4, "method": "dsq", "channel_scale": "abs.mean.sqrt"} for every layer, or
+                     {"per_layer": [spec, ...]} one such spec a layer (`quantize-states --method auto`)
 """
 
 from __future__ import annotations
@@ -140,6 +141,19 @@ def apply_online(model: MambaLMHeadModel, online: dict[str, Any]) -> MambaLMHead
         for mixer in model.mixers:
             mixer.ssm_y = ChannelScale(mixer.d_inner).to(device)
     if "state_quantizer" in online:
-        for mixer in model.mixers:
-            mixer.state_quantizer = StateQuantizer.from_dict(online["state_quantizer"])
+        for mixer, spec in zip(model.mixers, state_quantizer_specs(online["state_quantizer"], len(model.mixers)),
+                               strict=True):
+            mixer.state_quantizer = StateQuantizer.from_dict(spec)
     return model
+
+
+def state_quantizer_specs(entry: Any, n_layers: int) -> list[dict[str, Any]]:
+    """The manifest's ``state_quantizer`` entry as one spec a layer (it is one spec for every layer,
+    or ``{"per_layer": [...]}``)."""
+    if isinstance(entry, dict) and "per_layer" in entry:
+        specs = entry["per_layer"]
+        if set(entry) != {"per_layer"} or not isinstance(specs, list) or len(specs) != n_layers:
+            raise MqtoolError(f"state_quantizer per_layer must be the only key and list {n_layers} specs "
+                              f"(one a layer), got {entry!r:.120}")
+        return specs
+    return [entry] * n_layers

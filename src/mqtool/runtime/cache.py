@@ -26,7 +26,8 @@ from mqtool.errors import MqtoolError
 from mqtool.packing import pack_int4, unpack_int4  # the export's packing: low nibble = even index
 from mqtool.quant.states import StateQuantizer, quantize_state_int
 
-__all__ = ["LayerCache", "StateCache", "StateFormat", "pack_int4", "state_format_of", "unpack_int4"]
+__all__ = ["LayerCache", "MixedStateFormat", "StateCache", "StateFormat", "pack_int4", "state_format_of",
+           "unpack_int4"]
 
 
 @dataclass(frozen=True)
@@ -54,20 +55,47 @@ class StateFormat:
         return f"H{self.bits} {self.method} ({form})"
 
 
-def state_format_of(model: nn.Module, state_dtype: torch.dtype | None = None) -> StateFormat:
-    """The stored form a model's state quantizer implies (all layers must agree); without one, a
-    float state of ``state_dtype`` (default: the model's dtype)."""
-    quantizers = [m.state_quantizer for m in model.mixers
-                  if isinstance(m.state_quantizer, StateQuantizer) and m.state_quantizer.bits < 16]
-    if len({tuple(q.to_dict().items()) for q in quantizers}) > 1:
-        raise MqtoolError("the runtime needs one state quantizer for every layer; this model has several")
-    if quantizers:
-        sq = quantizers[0]
+@dataclass(frozen=True)
+class MixedStateFormat:
+    """One :class:`StateFormat` a layer, where layers quantize their states differently
+    (``quantize-states --method auto`` chooses per layer)."""
+
+    layers: tuple[StateFormat, ...]
+
+    @property
+    def quantized(self) -> bool:
+        return any(f.quantized for f in self.layers)
+
+    def of_layer(self, i: int) -> StateFormat:
+        return self.layers[i]
+
+    def describe(self) -> str:
+        """e.g. ``H4 mixed (dsq abs.max x10, per-channel x2)``; ``H4/8`` and per-entry bits when they differ."""
+        widths = sorted({f.bits for f in self.layers})
+        counts: dict[str, int] = {}
+        for f in self.layers:
+            name = (f"{f.method} {f.channel_scale}" if f.method == "dsq" else f.method) if f.quantized else f.describe()
+            key = name if len(widths) == 1 else f"H{f.bits} {name}"
+            counts[key] = counts.get(key, 0) + 1
+        parts = ", ".join(f"{k} x{n}" for k, n in counts.items())
+        return f"H{'/'.join(map(str, widths))} mixed ({parts})"
+
+
+def _layer_format(model: nn.Module, mixer: nn.Module, state_dtype: torch.dtype | None) -> StateFormat:
+    sq = mixer.state_quantizer
+    if isinstance(sq, StateQuantizer) and sq.bits < 16:
         if state_dtype is not None:
             raise MqtoolError(f"the state is quantized to {sq.bits} bits: --state-dtype does not apply")
         return StateFormat(sq.bits, torch.float32, sq.method, sq.channel_scale)
-    dtype = state_dtype or model.backbone.embedding.weight.dtype
-    return StateFormat(16, dtype)
+    return StateFormat(16, state_dtype or model.backbone.embedding.weight.dtype)
+
+
+def state_format_of(model: nn.Module, state_dtype: torch.dtype | None = None) -> StateFormat | MixedStateFormat:
+    """The stored form a model's state quantizers imply: one :class:`StateFormat` when every layer
+    agrees, else a :class:`MixedStateFormat` (one a layer); without a quantizer, a float state of
+    ``state_dtype`` (default: the model's dtype)."""
+    formats = tuple(_layer_format(model, m, state_dtype) for m in model.mixers)
+    return formats[0] if len(set(formats)) == 1 else MixedStateFormat(formats)
 
 
 class LayerCache:
@@ -127,7 +155,7 @@ class LayerCache:
 class StateCache:
     """Every layer's :class:`LayerCache`; ``layers[i]`` iterates over that layer's tensors."""
 
-    def __init__(self, layers: list[LayerCache], fmt: StateFormat) -> None:
+    def __init__(self, layers: list[LayerCache], fmt: StateFormat | MixedStateFormat) -> None:
         self.layers, self.fmt = layers, fmt
 
     def __getitem__(self, i: int) -> LayerCache:
@@ -143,12 +171,13 @@ class StateCache:
         return out
 
     @classmethod
-    def allocate(cls, model: nn.Module, batch: int, fmt: StateFormat) -> StateCache:
+    def allocate(cls, model: nn.Module, batch: int, fmt: StateFormat | MixedStateFormat) -> StateCache:
+        """Zeroed caches for ``batch`` sequences, each layer in ``fmt`` (or its own, when mixed)."""
         p = model.backbone.embedding.weight
         layers = []
-        for m in model.mixers:
+        for i, m in enumerate(model.mixers):
             conv, ssm = m.allocate_cache(batch, p.device, p.dtype)
             shape = tuple(ssm.shape)
             del ssm  # only its shape: the stored form is the format's
-            layers.append(LayerCache(conv, shape, fmt))
+            layers.append(LayerCache(conv, shape, fmt.of_layer(i) if isinstance(fmt, MixedStateFormat) else fmt))
         return cls(layers, fmt)

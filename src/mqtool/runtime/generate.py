@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from mqtool.runtime.cache import LayerCache, StateCache, StateFormat, state_format_of
+from mqtool.runtime.cache import LayerCache, MixedStateFormat, StateCache, StateFormat, state_format_of
 from mqtool.runtime.step import model_step
 from mqtool.runtime.swap import fuse_activation_quantizers
 
@@ -60,7 +60,7 @@ class Runtime:
     kernel (`runtime.swap`: the same numbers), in place."""
 
     def __init__(self, model: nn.Module, state_dtype: torch.dtype | None = None,
-                 state_format: StateFormat | None = None) -> None:
+                 state_format: StateFormat | MixedStateFormat | None = None) -> None:
         self.model = model.eval()
         self.config = model.config
         self.fmt = state_format or state_format_of(model, state_dtype)
