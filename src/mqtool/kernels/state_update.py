@@ -513,6 +513,17 @@ if HAS_TRITON:
         tl.store(ss_ptr + offs, s_s, mask=mask)
 
 
+def _launch_split(heads: int, rows: int, n: int, scale_state: torch.Tensor, args: tuple, col: torch.Tensor,
+                  flags: dict, num_warps: int) -> None:
+    """The split form's three launches over (head, block of rows) programs: y and the column
+    maxima, then the codes, then the state scale from the maxima. `args` are the pass kernel's."""
+    grid = (heads, triton.cdiv(rows, flags["BLOCK_P"]))
+    _split_pass_kernel[grid](*args, **flags, SECOND=False, num_warps=num_warps)
+    _split_pass_kernel[grid](*args, **flags, SECOND=True, num_warps=num_warps)
+    _split_finish_kernel[(heads,)](scale_state, col, n, METHOD=flags["METHOD"], QMAX=flags["QMAX"], EPS=STATE_EPS,
+                                   BLOCK_N=triton.next_power_of_2(n), num_warps=1)
+
+
 def state_update_triton(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B_in: torch.Tensor,
     C_in: torch.Tensor, D: torch.Tensor | None = None, scale_channel: torch.Tensor | None = None,
@@ -573,14 +584,10 @@ def state_update_triton(
     if split and storage != "float":
         # quantized codes: three launches over (batch, head, row block) programs
         col = torch.zeros((b * nh, n), dtype=torch.float32, device=x.device)
-        grid = (b * nh, triton.cdiv(p, bp))
-        common = (words, scale_channel, scale_state, col, x, dt, dt_bias, A, B_in, C_in, D, y,
-                  nh, p, n, nh // B_in.shape[1], lo, min(hi, 3.0e38),
-                  x.stride(0), x.stride(1), dt.stride(0), B_in.stride(0), B_in.stride(1))
-        _split_pass_kernel[grid](*common, **flags, SECOND=False, num_warps=num_warps)
-        _split_pass_kernel[grid](*common, **flags, SECOND=True, num_warps=num_warps)
-        _split_finish_kernel[(b * nh,)](scale_state, col, n, METHOD=flags["METHOD"], QMAX=qmax, EPS=STATE_EPS,
-                                        BLOCK_N=triton.next_power_of_2(n), num_warps=1)
+        _launch_split(b * nh, p, n, scale_state, (
+            words, scale_channel, scale_state, col, x, dt, dt_bias, A, B_in, C_in, D, y,
+            nh, p, n, nh // B_in.shape[1], lo, min(hi, 3.0e38),
+            x.stride(0), x.stride(1), dt.stride(0), B_in.stride(0), B_in.stride(1)), col, flags, num_warps)
         return y
     _state_update_kernel[(b * nh,)](
         words, scale_channel, scale_state, x, dt, dt_bias, A, B_in, C_in, D, y,
@@ -698,13 +705,9 @@ def mamba1_state_update_triton(
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_CLAMP=False,
         HAS_D=D is not None, D_PER_CHANNEL=True, EPS=STATE_EPS, BLOCK_P=bp, BLOCK_J=bj, MAMBA1=True,
     )
-    common = (words, scale_channel, scale_state, col, u, delta, dt_bias, A, B_in, C_in, D, y,
-              1, d, n, 1, 0.0, 3.0e38, u.stride(0), 0, delta.stride(0), B_in.stride(0), 0)
-    grid = (b, triton.cdiv(d, bp))
-    _split_pass_kernel[grid](*common, **flags, SECOND=False, num_warps=num_warps)
-    _split_pass_kernel[grid](*common, **flags, SECOND=True, num_warps=num_warps)
-    _split_finish_kernel[(b,)](scale_state, col, n, METHOD=flags["METHOD"], QMAX=qmax, EPS=STATE_EPS,
-                               BLOCK_N=triton.next_power_of_2(n), num_warps=1)
+    _launch_split(b, d, n, scale_state, (   # one "head" a sequence: no head or group strides
+        words, scale_channel, scale_state, col, u, delta, dt_bias, A, B_in, C_in, D, y,
+        1, d, n, 1, 0.0, 3.0e38, u.stride(0), 0, delta.stride(0), B_in.stride(0), 0), col, flags, num_warps)
     return y
 
 
